@@ -1,0 +1,273 @@
+//! Element types of checkpoint tensors and the rounding rules smelt uses to
+//! reproduce mergekit's (torch's) arithmetic.
+//!
+//! Merge kernels hold values as `f32`. A tensor whose working dtype is
+//! bfloat16 or float16 keeps only values representable in that dtype: every
+//! elementwise operation is followed by [`DType::round`], exactly as torch
+//! rounds the result of each op on a half-precision tensor (spec §2).
+
+use half::f16;
+
+/// A tensor element type, as named in safetensors headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum DType {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl DType {
+    /// Parses a safetensors header dtype (`"BF16"`, `"F32"`, ...).
+    pub fn from_safetensors(s: &str) -> Option<DType> {
+        Some(match s {
+            "F64" => DType::F64,
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "I64" => DType::I64,
+            "I32" => DType::I32,
+            "I16" => DType::I16,
+            "I8" => DType::I8,
+            "U8" => DType::U8,
+            "BOOL" => DType::Bool,
+            _ => return None,
+        })
+    }
+
+    /// The safetensors header name.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F64 => "F64",
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I16 => "I16",
+            DType::I8 => "I8",
+            DType::U8 => "U8",
+            DType::Bool => "BOOL",
+        }
+    }
+
+    /// Parses a mergekit / torch dtype name (`bfloat16`, `torch.float16`, ...).
+    /// mergekit accepts bfloat16, float16, float32 and int64 (spec §1.4); smelt
+    /// also takes the common aliases `bf16`, `fp16`, `half`, `float`, `fp32`.
+    pub fn from_config_name(s: &str) -> Option<DType> {
+        let s = s.strip_prefix("torch.").unwrap_or(s);
+        Some(match s {
+            "bfloat16" | "bf16" => DType::BF16,
+            "float16" | "fp16" | "half" => DType::F16,
+            "float32" | "fp32" | "float" => DType::F32,
+            "int64" => DType::I64,
+            _ => return None,
+        })
+    }
+
+    /// The name written to config.json (`"bfloat16"`, ...).
+    pub fn config_name(self) -> &'static str {
+        match self {
+            DType::F64 => "float64",
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::I64 => "int64",
+            DType::I32 => "int32",
+            DType::I16 => "int16",
+            DType::I8 => "int8",
+            DType::U8 => "uint8",
+            DType::Bool => "bool",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F64 | DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    /// Rounds an f32 to the nearest value representable in this dtype (round to
+    /// nearest even), returned as f32. Identity for f32 (and f64, which smelt
+    /// computes in f32). Integer dtypes truncate toward zero like torch casts.
+    #[inline(always)]
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            DType::BF16 => bf16_round(x),
+            DType::F16 => f16::from_f32(x).to_f32(),
+            DType::F32 | DType::F64 => x,
+            DType::Bool => {
+                if x != 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            _ => x.trunc(),
+        }
+    }
+
+    /// Decodes little-endian bytes of this dtype into f32 values.
+    pub fn decode(self, bytes: &[u8], out: &mut Vec<f32>) {
+        out.clear();
+        let n = bytes.len() / self.size();
+        out.reserve(n);
+        match self {
+            DType::F32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            DType::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)),
+            ),
+            DType::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+            ),
+            DType::F64 => out.extend(bytes.chunks_exact(8).map(|c| {
+                f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+            })),
+            DType::I64 => out.extend(bytes.chunks_exact(8).map(|c| {
+                i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+            })),
+            DType::I32 => out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32),
+            ),
+            DType::I16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| i16::from_le_bytes([c[0], c[1]]) as f32),
+            ),
+            DType::I8 => out.extend(bytes.iter().map(|&b| b as i8 as f32)),
+            DType::U8 | DType::Bool => out.extend(bytes.iter().map(|&b| b as f32)),
+        }
+    }
+
+    /// Encodes f32 values (already representable, see [`DType::round`]) as
+    /// little-endian bytes of this dtype, appending to `out`.
+    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size());
+        match self {
+            DType::F32 => {
+                for v in values {
+                    out.extend_from_slice(&v.to_le_bytes())
+                }
+            }
+            DType::BF16 => {
+                for v in values {
+                    out.extend_from_slice(&((bf16_round(*v).to_bits() >> 16) as u16).to_le_bytes())
+                }
+            }
+            DType::F16 => {
+                for v in values {
+                    out.extend_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes())
+                }
+            }
+            DType::F64 => {
+                for v in values {
+                    out.extend_from_slice(&(*v as f64).to_le_bytes())
+                }
+            }
+            DType::I64 => {
+                for v in values {
+                    out.extend_from_slice(&(*v as i64).to_le_bytes())
+                }
+            }
+            DType::I32 => {
+                for v in values {
+                    out.extend_from_slice(&(*v as i32).to_le_bytes())
+                }
+            }
+            DType::I16 => {
+                for v in values {
+                    out.extend_from_slice(&(*v as i16).to_le_bytes())
+                }
+            }
+            DType::I8 => out.extend(values.iter().map(|v| *v as i8 as u8)),
+            DType::U8 => out.extend(values.iter().map(|v| *v as u8)),
+            DType::Bool => out.extend(values.iter().map(|v| (*v != 0.0) as u8)),
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.config_name())
+    }
+}
+
+/// Round-to-nearest-even from f32 to bfloat16 precision (NaN stays NaN).
+#[inline(always)]
+pub fn bf16_round(x: f32) -> f32 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return f32::from_bits((b | 0x0040_0000) & 0xFFFF_0000);
+    }
+    let r = b.wrapping_add(0x7FFF + ((b >> 16) & 1));
+    f32::from_bits(r & 0xFFFF_0000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        for x in [
+            0.6f32,
+            0.4,
+            1.0 / 3.0,
+            -7.123,
+            1e-30,
+            3.0e38,
+            65504.0,
+            0.0,
+            -0.0,
+        ] {
+            assert_eq!(bf16_round(x), half::bf16::from_f32(x).to_f32(), "{x}");
+        }
+        // mergekit's documented example: bf16(0.6) = 0.6015625, bf16(0.4) = 0.400390625
+        assert_eq!(bf16_round(0.6), 0.6015625);
+        assert_eq!(bf16_round(0.4), 0.400390625);
+    }
+
+    #[test]
+    fn encode_decode_roundtrip() {
+        let v = vec![1.5f32, -2.25, 0.0, 100.0];
+        for dt in [
+            DType::F32,
+            DType::BF16,
+            DType::F16,
+            DType::F64,
+            DType::I64,
+            DType::I8,
+        ] {
+            let mut bytes = Vec::new();
+            dt.encode(&v, &mut bytes);
+            assert_eq!(bytes.len(), v.len() * dt.size());
+            let mut back = Vec::new();
+            dt.decode(&bytes, &mut back);
+            let expect: Vec<f32> = v.iter().map(|x| dt.round(*x)).collect();
+            assert_eq!(back, expect, "{dt}");
+        }
+    }
+}

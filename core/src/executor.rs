@@ -1,0 +1,124 @@
+//! Runs a plan: reads each task's inputs, merges, casts, writes the bytes
+//! into the planned shard slot. The same code serves `smelt merge` and (for a
+//! subset of tasks) a cluster worker.
+//!
+//! Memory stays bounded: tasks run in windows whose estimated working set
+//! fits the memory budget; inside a window tasks run in parallel (rayon), and
+//! kernels parallelise inside a tensor.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::io::{ModelTensors, ShardWriter};
+use crate::methods::{self, MergeJob};
+use crate::plan::{InputSource, MergePlan, TensorTask};
+use crate::tensor::Tensor;
+
+/// Default working-set budget when none is given.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 2 << 30;
+
+/// Reads one input of a task, cast to the working dtype.
+pub fn load_input(task: &TensorTask, i: usize, models: &[ModelTensors]) -> Result<Tensor> {
+    let inp = &task.inputs[i];
+    let mt = &models[inp.model];
+    let t = match &inp.source {
+        InputSource::Tensor(n) => mt.read(n)?,
+        InputSource::StackExperts(parts) => {
+            let mut data = Vec::new();
+            let mut dtype = None;
+            for n in parts.iter().flatten() {
+                let t = mt.read(n)?;
+                dtype = Some(t.dtype);
+                data.extend_from_slice(&t.data);
+            }
+            Tensor::new(inp.shape.clone(), data, dtype.unwrap_or(inp.dtype))
+        }
+    };
+    if t.shape != inp.shape {
+        return Err(Error::tensor(
+            &task.name,
+            format!("input from {} changed shape since planning", mt.label),
+        ));
+    }
+    Ok(t.cast(task.working_dtype))
+}
+
+/// Computes one output tensor and returns its bytes in the output dtype.
+pub fn compute_task(
+    plan: &MergePlan,
+    task: &TensorTask,
+    models: &[ModelTensors],
+) -> Result<Vec<u8>> {
+    let method = methods::get(&plan.method)
+        .ok_or_else(|| Error::msg(format!("unknown method {}", plan.method)))?;
+    let tensors = (0..task.inputs.len())
+        .map(|i| load_input(task, i, models))
+        .collect::<Result<Vec<_>>>()?;
+    let job = MergeJob {
+        name: &task.name,
+        tensors,
+        base: task.base,
+        global: &task.global,
+        per_model: task.per_model.iter().collect(),
+        is_embed: task.is_embed,
+        seed: plan.seed,
+    };
+    let out = method.merge(job)?;
+    if out.shape != task.shape {
+        return Err(Error::tensor(
+            &task.name,
+            format!(
+                "merge produced shape {:?}, planned {:?}",
+                out.shape, task.shape
+            ),
+        ));
+    }
+    let out = out.cast(task.out_dtype);
+    let mut bytes = Vec::new();
+    task.out_dtype.encode(&out.data, &mut bytes);
+    Ok(bytes)
+}
+
+/// Progress callback: (tensors done, tensors total, bytes written).
+pub type Progress<'a> = &'a (dyn Fn(usize, usize, u64) + Sync);
+
+/// Runs the tasks `which` (indices into `plan.tensors`) writing into `writer`.
+pub fn run_tasks(
+    plan: &MergePlan,
+    which: &[usize],
+    models: &[ModelTensors],
+    writer: &ShardWriter,
+    memory_budget: u64,
+    progress: Progress,
+) -> Result<()> {
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let bytes = std::sync::atomic::AtomicU64::new(0);
+    let total = which.len();
+    let mut start = 0;
+    while start < which.len() {
+        let mut end = start;
+        let mut budget = 0u64;
+        while end < which.len() {
+            let b = plan.tensors[which[end]].working_bytes();
+            if end > start && budget + b > memory_budget {
+                break;
+            }
+            budget += b;
+            end += 1;
+        }
+        which[start..end]
+            .par_iter()
+            .try_for_each(|&i| -> Result<()> {
+                let task = &plan.tensors[i];
+                let out = compute_task(plan, task, models)?;
+                writer.write(task.shard, task.slot, &out)?;
+                let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let b = bytes.fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed)
+                    + out.len() as u64;
+                progress(d, total, b);
+                Ok(())
+            })?;
+        start = end;
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! smelt-core: the merge engine.
+//!
+//! Data flows one way: YAML → [`config::MergeConfig`] → [`plan::MergePlan`]
+//! (headers only; serialisable) → per-tensor tasks → [`methods`] kernels →
+//! [`io::ShardWriter`]. This crate knows nothing of gRPC, etcd, HTTP or the
+//! CLI; it reads bytes through [`io::ByteSource`] and writes shard files.
+
+pub mod architecture;
+pub mod config;
+pub mod dtype;
+pub mod error;
+pub mod executor;
+pub mod io;
+pub mod methods;
+pub mod model;
+pub mod output;
+pub mod params;
+pub mod plan;
+pub mod rng;
+pub mod tensor;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{MergeConfig, parse_config};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use plan::{MergePlan, PlanOptions, plan_merge};
+pub use tensor::Tensor;
+
+use model::LoadedModel;
+
+/// Everything `smelt merge` can be asked to do.
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    pub plan: PlanOptions,
+    pub overwrite: bool,
+    pub copy_tokenizer: bool,
+    pub write_model_card: bool,
+    /// Working-set budget for tensors in flight, bytes.
+    pub memory_budget: u64,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions {
+            plan: PlanOptions::default(),
+            overwrite: false,
+            copy_tokenizer: true,
+            write_model_card: true,
+            memory_budget: executor::DEFAULT_MEMORY_BUDGET,
+        }
+    }
+}
+
+/// Reads and parses a configuration file.
+pub fn load_config(path: &Path) -> Result<MergeConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_config(&text, &path.display().to_string())
+}
+
+/// A configuration with its models loaded (headers only) and its plan.
+pub struct Prepared {
+    pub config: MergeConfig,
+    pub models: Vec<LoadedModel>,
+    pub plan: MergePlan,
+}
+
+/// Parses, resolves models, reads headers and plans; reads no tensor data.
+pub fn prepare(config_path: &Path, opts: &PlanOptions) -> Result<Prepared> {
+    let config = load_config(config_path)?;
+    let dir = config_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let models = config
+        .referenced_models()
+        .iter()
+        .map(|r| model::load_model(r, &dir))
+        .collect::<Result<Vec<_>>>()?;
+    let plan = plan_merge(&config, &models, opts)?;
+    Ok(Prepared {
+        config,
+        models,
+        plan,
+    })
+}
+
+/// Free bytes on the filesystem holding `path`.
+pub fn free_space(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a valid out-pointer.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// Runs a whole merge into `out`. Returns the plan that was executed.
+pub fn merge(
+    config_path: &Path,
+    out: &Path,
+    opts: &MergeOptions,
+    progress: executor::Progress,
+) -> Result<MergePlan> {
+    let Prepared {
+        config,
+        models,
+        plan,
+    } = prepare(config_path, &opts.plan)?;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let probe = if parent.exists() {
+        parent.clone()
+    } else {
+        PathBuf::from(".")
+    };
+    if let Some(free) = free_space(&probe) {
+        let need = plan.total_bytes() + (16 << 20);
+        if free < need {
+            return Err(Error::msg(format!(
+                "not enough disk space at {}: the output needs {} bytes, {} are free",
+                probe.display(),
+                need,
+                free
+            )));
+        }
+    }
+    let staging = output::stage(out, opts.overwrite)?;
+    match write_all(
+        &config,
+        &models,
+        &plan,
+        &staging.tmp_dir,
+        out,
+        opts,
+        progress,
+    ) {
+        Ok(()) => {
+            staging.commit()?;
+            Ok(plan)
+        }
+        Err(e) => {
+            staging.abort();
+            Err(e)
+        }
+    }
+}
+
+fn write_all(
+    config: &MergeConfig,
+    models: &[LoadedModel],
+    plan: &MergePlan,
+    dir: &Path,
+    out: &Path,
+    opts: &MergeOptions,
+    progress: executor::Progress,
+) -> Result<()> {
+    let writer = io::ShardWriter::create(dir, &plan.shard_slots())?;
+    let tensors: Vec<io::ModelTensors> = models.iter().map(|m| m.tensors.clone()).collect();
+    let all: Vec<usize> = (0..plan.tensors.len()).collect();
+    executor::run_tasks(plan, &all, &tensors, &writer, opts.memory_budget, progress)?;
+    writer.finish()?;
+    if let Some(index) = plan.index_json() {
+        output::write_file(
+            dir,
+            "model.safetensors.index.json",
+            &output::pretty_json(&index),
+        )?;
+    }
+    output::write_file(dir, "config.json", &output::pretty_json(&plan.out_config))?;
+    if opts.copy_tokenizer {
+        output::copy_tokenizer(&models[plan.donor].dir, dir)?;
+    }
+    if opts.write_model_card {
+        output::write_file(dir, "mergekit_config.yml", config.source_text.as_bytes())?;
+        let method = methods::get(&plan.method).expect("planned method exists");
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "Untitled Model (1)".into());
+        let card = output::model_card(plan, method.as_ref(), &config.source_text, &name);
+        output::write_file(dir, "README.md", card.as_bytes())?;
+    }
+    Ok(())
+}

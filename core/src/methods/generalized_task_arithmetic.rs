@@ -1,0 +1,335 @@
+//! The task-arithmetic family (spec §4.6): task_arithmetic, ties,
+//! dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
+//! della_linear — one kernel configured by a sparsification, a consensus and
+//! default `normalize` / `rescale` values.
+
+use super::sparsify;
+use super::*;
+use crate::rng::Stream;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sparsify {
+    None,
+    Magnitude,
+    Random,
+    MagnitudeOutliers,
+    DellaMagprune,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consensus {
+    None,
+    /// TIES sign election over the summed weighted deltas.
+    Sum,
+}
+
+pub struct GeneralizedTaskArithmetic {
+    name: &'static str,
+    pretty: &'static str,
+    url: Option<&'static str>,
+    sparsify: Sparsify,
+    consensus: Consensus,
+    normalize: bool,
+    rescale: bool,
+}
+
+impl GeneralizedTaskArithmetic {
+    pub fn new(
+        name: &'static str,
+        pretty: &'static str,
+        url: Option<&'static str>,
+        sparsify: Sparsify,
+        consensus: Consensus,
+        normalize: bool,
+        rescale: bool,
+    ) -> Self {
+        GeneralizedTaskArithmetic {
+            name,
+            pretty,
+            url,
+            sparsify,
+            consensus,
+            normalize,
+            rescale,
+        }
+    }
+}
+
+/// Shape rule of the family: output has the base's shape; larger embeddings
+/// are truncated to it; other mismatched models are skipped with a warning.
+pub fn task_vector_shapes(cx: &ShapeCtx) -> Result<ShapePlan> {
+    let b = cx
+        .base
+        .ok_or_else(|| Error::tensor(cx.name, "the base model is not among this tensor's inputs (with `slices:`, list the base model as a source of every slice)"))?;
+    let bs = &cx.shapes[b];
+    let mut keep = vec![true; cx.shapes.len()];
+    let mut warnings = Vec::new();
+    for (i, s) in cx.shapes.iter().enumerate() {
+        if i == b || s == bs {
+            continue;
+        }
+        if cx.is_embed && s.len() == 2 && bs.len() == 2 {
+            if s[0] >= bs[0] && s[1] >= bs[1] {
+                continue;
+            }
+            return Err(Error::tensor(
+                cx.name,
+                format!("embedding {s:?} is smaller than the base model's {bs:?}"),
+            ));
+        }
+        keep[i] = false;
+        warnings.push(format!(
+            "{}: skipping an input of shape {s:?}: does not match the base model's {bs:?}",
+            cx.name
+        ));
+    }
+    Ok(ShapePlan::Output {
+        shape: bs.clone(),
+        keep,
+        warnings,
+    })
+}
+
+impl MergeMethod for GeneralizedTaskArithmetic {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn pretty_name(&self) -> &'static str {
+        self.pretty
+    }
+    fn reference_url(&self) -> Option<&'static str> {
+        self.url
+    }
+    fn global_params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::default("int8_mask", 0.0),
+            ParamSpec::default("normalize", self.normalize as u8 as f64),
+            ParamSpec::default("rescale", self.rescale as u8 as f64),
+            ParamSpec::default("lambda", 1.0),
+        ]
+    }
+    fn model_params(&self) -> Vec<ParamSpec> {
+        let mut v = vec![
+            ParamSpec::required("weight"),
+            ParamSpec::default("density", 1.0),
+        ];
+        match self.sparsify {
+            Sparsify::MagnitudeOutliers => v.push(ParamSpec::default("gamma", 0.01)),
+            Sparsify::DellaMagprune => v.push(ParamSpec::default("epsilon", 0.15)),
+            _ => {}
+        }
+        v
+    }
+    fn base_use(&self) -> BaseUse {
+        BaseUse::Required
+    }
+    fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
+        task_vector_shapes(cx)
+    }
+    fn merge(&self, mut job: MergeJob) -> Result<Tensor> {
+        let name = job.name;
+        let seed = job.seed;
+        let normalize = job.flag("normalize");
+        let rescale = job.flag("rescale");
+        let lambda = job.global("lambda");
+        let params: Vec<(f64, f64, f64, f64)> = (0..job.tensors.len())
+            .map(|i| {
+                (
+                    job.model_param(i, "weight").unwrap_or(f64::NAN),
+                    job.model_param(i, "density").unwrap_or(1.0),
+                    job.model_param(i, "gamma").unwrap_or(0.01),
+                    job.model_param(i, "epsilon").unwrap_or(0.15),
+                )
+            })
+            .collect();
+        let (base, others, idx) = job.split_base().ok_or_else(|| {
+            Error::tensor(name, "the base model is not among this tensor's inputs")
+        })?;
+        let dt = base.dtype;
+        let r = |x: f32| dt.round(x);
+        let n = base.numel();
+        if others.is_empty() {
+            return Ok(base);
+        }
+        let mut deltas: Vec<Vec<f32>> = Vec::new();
+        let mut weights: Vec<f32> = Vec::new();
+        for (k, (x, i)) in others.iter().zip(&idx).enumerate() {
+            let (w, density, gamma, epsilon) = params[*i];
+            if w.is_nan() {
+                return Err(Error::tensor(
+                    name,
+                    format!("{}: a model has no `weight`", self.name),
+                ));
+            }
+            let x = if x.shape != base.shape && x.shape.len() == 2 {
+                x.top_left(base.shape[0], base.shape[1])
+            } else {
+                x.clone()
+            };
+            let d = map_n(n, |j| r(x.data[j] - base.data[j]));
+            let stream = Stream::new(seed, name, &format!("{}:{k}", self.name));
+            let d = match self.sparsify {
+                Sparsify::None => d,
+                Sparsify::Magnitude => sparsify::magnitude(&d, density, rescale, dt, name)?,
+                Sparsify::Random => sparsify::bernoulli(&d, density, rescale, dt, stream),
+                Sparsify::MagnitudeOutliers => {
+                    sparsify::magnitude_outliers(&d, density, gamma, rescale, dt)
+                }
+                Sparsify::DellaMagprune => sparsify::della_magprune(
+                    &d,
+                    &base.shape,
+                    density,
+                    epsilon,
+                    rescale,
+                    dt,
+                    stream,
+                    name,
+                )?,
+            };
+            deltas.push(d);
+            weights.push(r(w as f32));
+        }
+        let weighted: Vec<Vec<f32>> = deltas
+            .iter()
+            .zip(&weights)
+            .map(|(d, w)| map_n(n, |j| r(d[j] * w)))
+            .collect();
+        let wsum = r(weights.iter().sum::<f32>());
+        let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
+        let consensus = self.consensus;
+        let lam = lambda as f32;
+        let out = map_n(n, |j| {
+            let (mixed, div) = match consensus {
+                Consensus::Sum => {
+                    let mut s = 0.0f32;
+                    for w in &weighted {
+                        s += w[j];
+                    }
+                    let majority = if r(s) >= 0.0 { 1.0 } else { -1.0 };
+                    let mut m = 0.0f32;
+                    let mut dv = 0.0f32;
+                    for (w, wk) in weighted.iter().zip(&weights) {
+                        if sign(w[j]) == majority {
+                            m += w[j];
+                            dv += wk;
+                        }
+                    }
+                    let dv = r(dv);
+                    (r(m), if dv == 0.0 { 1.0 } else { dv })
+                }
+                Consensus::None => {
+                    let mut m = 0.0f32;
+                    for w in &weighted {
+                        m += w[j];
+                    }
+                    (r(m), plain_div)
+                }
+            };
+            let mut mixed = mixed;
+            if normalize {
+                mixed = r(mixed / div);
+            }
+            if lambda != 1.0 {
+                mixed = r(mixed * lam);
+            }
+            r(base.data[j] + mixed)
+        });
+        Ok(Tensor::new(base.shape.clone(), out, dt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(
+        method: &str,
+        base: Vec<f32>,
+        xs: Vec<Vec<f32>>,
+        w: Vec<f64>,
+        g: &[(&str, f64)],
+    ) -> Vec<f32> {
+        let m = get(method).unwrap();
+        let mut global: ParamValues = m
+            .global_params()
+            .iter()
+            .filter_map(|p| p.default.map(|d| (p.name.to_string(), d)))
+            .collect();
+        for (k, v) in g {
+            global.insert(k.to_string(), *v);
+        }
+        let mut pm: Vec<ParamValues> = w
+            .iter()
+            .map(|w| [("weight".to_string(), *w)].into())
+            .collect();
+        pm.push(ParamValues::new());
+        let n = base.len();
+        let mut tensors: Vec<Tensor> = xs
+            .into_iter()
+            .map(|x| Tensor::new(vec![n], x, DType::F32))
+            .collect();
+        tensors.push(Tensor::new(vec![n], base, DType::F32));
+        let b = tensors.len() - 1;
+        m.merge(MergeJob {
+            name: "t",
+            tensors,
+            base: Some(b),
+            global: &global,
+            per_model: pm.iter().collect(),
+            is_embed: false,
+            seed: 0,
+        })
+        .unwrap()
+        .data
+    }
+
+    #[test]
+    fn task_arithmetic_by_hand() {
+        let out = run(
+            "task_arithmetic",
+            vec![1.0, 1.0],
+            vec![vec![2.0, 0.0], vec![1.0, 3.0]],
+            vec![1.0, 0.5],
+            &[],
+        );
+        // base + 1.0*(1,-1) + 0.5*(0,2) = (2, 1)
+        assert_eq!(out, vec![2.0, 1.0]);
+        let out = run(
+            "task_arithmetic",
+            vec![1.0, 1.0],
+            vec![vec![2.0, 0.0]],
+            vec![1.0],
+            &[("lambda", 2.0)],
+        );
+        assert_eq!(out, vec![3.0, -1.0]);
+    }
+
+    #[test]
+    fn ties_sign_election_by_hand() {
+        // deltas: m1 = (+2, -1, 0), m2 = (-1, -1, +3), m3 = (+1, +4, 0); weights 1
+        // sums: (+2, +2, +3) → majority +; position 0 keeps m1, m3 → (2+1)/2 = 1.5
+        // position 1 keeps only m3 → 4/1; position 2 keeps m2 → 3
+        let out = run(
+            "ties",
+            vec![0.0, 0.0, 0.0],
+            vec![
+                vec![2.0, -1.0, 0.0],
+                vec![-1.0, -1.0, 3.0],
+                vec![1.0, 4.0, 0.0],
+            ],
+            vec![1.0, 1.0, 1.0],
+            &[],
+        );
+        assert_eq!(out, vec![1.5, 4.0, 3.0]);
+        // a negative weight flips its vote
+        let out = run(
+            "ties",
+            vec![0.0],
+            vec![vec![1.0], vec![1.0]],
+            vec![1.0, -3.0],
+            &[],
+        );
+        // weighted: (+1, -3) → sum -2 → majority -; keeps model 2: -3 / -3 = 1
+        assert_eq!(out, vec![1.0]);
+    }
+}

@@ -1,0 +1,135 @@
+//! `linear`: weighted average (spec §4.1).
+
+use super::*;
+
+pub struct Linear;
+
+impl MergeMethod for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn pretty_name(&self) -> &'static str {
+        "Linear"
+    }
+    fn reference_url(&self) -> Option<&'static str> {
+        Some("https://arxiv.org/abs/2203.05482")
+    }
+    fn global_params(&self) -> Vec<ParamSpec> {
+        vec![ParamSpec::default("normalize", 1.0)]
+    }
+    fn model_params(&self) -> Vec<ParamSpec> {
+        vec![ParamSpec::required("weight")]
+    }
+    fn base_use(&self) -> BaseUse {
+        BaseUse::Unused
+    }
+    fn merge(&self, mut job: MergeJob) -> Result<Tensor> {
+        let dt = job.dtype();
+        let shape = rectified_shape(&ShapeCtx {
+            name: job.name,
+            shapes: &job
+                .tensors
+                .iter()
+                .map(|t| t.shape.clone())
+                .collect::<Vec<_>>(),
+            base: job.base,
+            is_embed: job.is_embed,
+            optional: false,
+        })?;
+        let ShapePlan::Output { shape, .. } = shape else {
+            unreachable!()
+        };
+        rectify(&mut job.tensors, &shape);
+        let mut w = Vec::new();
+        for i in 0..job.tensors.len() {
+            let v = job
+                .model_param(i, "weight")
+                .ok_or_else(|| job.err("linear: a model has no `weight` (is base_model listed under models without a weight?)"))?;
+            w.push(dt.round(v as f32));
+        }
+        Ok(weighted_sum(
+            &job.tensors,
+            &w,
+            job.flag("normalize"),
+            dt,
+            shape,
+        ))
+    }
+}
+
+/// `Σ r(w_i·x_i)` accumulated in f32 and rounded once; optionally divided by
+/// the (rounded) weight sum.
+pub fn weighted_sum(
+    xs: &[Tensor],
+    w: &[f32],
+    normalize: bool,
+    dt: DType,
+    shape: Vec<usize>,
+) -> Tensor {
+    let n = xs[0].numel();
+    let wsum = dt.round(w.iter().sum::<f32>());
+    let data = map_n(n, |i| {
+        let mut acc = 0.0f32;
+        for (x, wk) in xs.iter().zip(w) {
+            acc += dt.round(wk * x.data[i]);
+        }
+        let r = dt.round(acc);
+        if normalize { dt.round(r / wsum) } else { r }
+    });
+    Tensor::new(shape, data, dt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn job<'a>(ts: Vec<Tensor>, g: &'a ParamValues, pm: Vec<&'a ParamValues>) -> MergeJob<'a> {
+        MergeJob {
+            name: "t",
+            tensors: ts,
+            base: None,
+            global: g,
+            per_model: pm,
+            is_embed: false,
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn hand_computed() {
+        let a = Tensor::new(vec![2], vec![1.0, 2.0], DType::F32);
+        let b = Tensor::new(vec![2], vec![3.0, 6.0], DType::F32);
+        let g: ParamValues = [("normalize".to_string(), 1.0)].into();
+        let w1: ParamValues = [("weight".to_string(), 1.0)].into();
+        let w3: ParamValues = [("weight".to_string(), 3.0)].into();
+        let out = Linear.merge(job(vec![a, b], &g, vec![&w1, &w3])).unwrap();
+        assert_eq!(out.data, vec![2.5, 5.0]);
+    }
+
+    #[test]
+    fn bf16_rounds_weights_like_torch() {
+        // 0.6 and 0.4 become 0.6015625 and 0.400390625 in bf16; the weight sum
+        // is 1.001953125 and the result rounds per op.
+        let a = Tensor::new(vec![1], vec![1.0], DType::BF16);
+        let b = Tensor::new(vec![1], vec![1.0], DType::BF16);
+        let g: ParamValues = [("normalize".to_string(), 0.0)].into();
+        let w6: ParamValues = [("weight".to_string(), 0.6)].into();
+        let w4: ParamValues = [("weight".to_string(), 0.4)].into();
+        let out = Linear.merge(job(vec![a, b], &g, vec![&w6, &w4])).unwrap();
+        assert_eq!(out.data, vec![DType::BF16.round(0.6015625 + 0.400390625)]);
+    }
+
+    proptest! {
+        #[test]
+        fn one_model_is_identity(v in proptest::collection::vec(-1e3f32..1e3, 1..64), w in 0.1f64..10.0) {
+            let t = Tensor::new(vec![v.len()], v.clone(), DType::F32);
+            let g: ParamValues = [("normalize".to_string(), 1.0)].into();
+            let pw: ParamValues = [("weight".to_string(), w)].into();
+            let out = Linear.merge(job(vec![t], &g, vec![&pw])).unwrap();
+            for (o, x) in out.data.iter().zip(&v) {
+                prop_assert!((o - x).abs() <= 1e-5 * x.abs().max(1.0));
+            }
+        }
+    }
+}

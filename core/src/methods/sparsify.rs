@@ -1,0 +1,276 @@
+//! Sparsification of task vectors (spec §4.7): magnitude top-k (TIES),
+//! random Bernoulli (DARE), magnitude with outliers (breadcrumbs) and DELLA's
+//! rank-weighted Bernoulli; optional L1 rescaling.
+//!
+//! Ties in magnitude are broken deterministically: the lower flat index ranks
+//! first among equal magnitudes. Random draws come from [`crate::rng::Stream`].
+
+use std::cmp::Ordering;
+
+use rayon::prelude::*;
+
+use super::*;
+use crate::rng::Stream;
+
+/// `m = Δ·mask`; with `rescale`, scaled so that `Σ|m| = Σ|Δ|` (skipped when
+/// either sum is below 1e-7).
+pub fn masked(
+    delta: &[f32],
+    keep: impl Fn(usize) -> bool + Sync,
+    rescale: bool,
+    dt: DType,
+) -> Vec<f32> {
+    let m = map_n(delta.len(), |i| if keep(i) { delta[i] } else { 0.0 });
+    if !rescale {
+        return m;
+    }
+    let before = dt.round(sum_by(delta.len(), |i| delta[i].abs() as f64) as f32);
+    let after = dt.round(sum_by(m.len(), |i| m[i].abs() as f64) as f32);
+    if before < 1e-7 || after < 1e-7 {
+        return m;
+    }
+    let ratio = dt.round(before / after);
+    map_n(m.len(), |i| dt.round(m[i] * ratio))
+}
+
+/// Indices sorted by |Δ| descending (ties: lower index first), keeping the
+/// first `k` as a boolean mask.
+pub fn top_k_mask(delta: &[f32], k: usize) -> Vec<bool> {
+    let n = delta.len();
+    let mut mask = vec![false; n];
+    if k == 0 {
+        return mask;
+    }
+    if k >= n {
+        return vec![true; n];
+    }
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    let cmp = |a: &u32, b: &u32| {
+        let (x, y) = (delta[*a as usize].abs(), delta[*b as usize].abs());
+        y.partial_cmp(&x).unwrap_or(Ordering::Equal).then(a.cmp(b))
+    };
+    idx.select_nth_unstable_by(k - 1, cmp);
+    for i in &idx[..k] {
+        mask[*i as usize] = true;
+    }
+    mask
+}
+
+/// TIES magnitude pruning: keep the `floor(density·n)` largest magnitudes.
+pub fn magnitude(
+    delta: &[f32],
+    density: f64,
+    rescale: bool,
+    dt: DType,
+    name: &str,
+) -> Result<Vec<f32>> {
+    if density >= 1.0 {
+        return Ok(delta.to_vec());
+    }
+    let k = (density * delta.len() as f64) as usize;
+    if k == 0 {
+        return Err(Error::tensor(
+            name,
+            format!(
+                "density {density} keeps no element of {} (mergekit refuses to zero out a whole tensor)",
+                delta.len()
+            ),
+        ));
+    }
+    let mask = top_k_mask(delta, k);
+    Ok(masked(delta, |i| mask[i], rescale, dt))
+}
+
+/// DARE: keep each element with probability `density`.
+pub fn bernoulli(
+    delta: &[f32],
+    density: f64,
+    rescale: bool,
+    dt: DType,
+    stream: Stream,
+) -> Vec<f32> {
+    if density >= 1.0 {
+        return delta.to_vec();
+    }
+    let p = density as f32;
+    // float16 is masked in f32 and cast back (mergekit on CPU); same values here.
+    masked(delta, |i| stream.bernoulli(i as u64, p), rescale, dt)
+}
+
+/// Breadcrumbs: drop the smallest and the `gamma` fraction of largest
+/// magnitudes, keeping `floor(density·n)` (mergekit's empty-slice quirk kept:
+/// when the top count is 0 everything is dropped).
+pub fn magnitude_outliers(
+    delta: &[f32],
+    density: f64,
+    gamma: f64,
+    rescale: bool,
+    dt: DType,
+) -> Vec<f32> {
+    if density >= 1.0 {
+        return delta.to_vec();
+    }
+    let n = delta.len() as i64;
+    let keep = (n as f64 * density) as i64;
+    let mut top = (n as f64 * gamma) as i64;
+    let mut bot = n - keep - top;
+    if bot < 0 {
+        top += bot;
+        bot = 0;
+    }
+    if top <= 0 {
+        // python `sorted[bot:-0]` is empty
+        return masked(delta, |_| false, rescale, dt);
+    }
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    idx.par_sort_unstable_by(|a, b| {
+        let (x, y) = (delta[*a as usize].abs(), delta[*b as usize].abs());
+        x.partial_cmp(&y).unwrap_or(Ordering::Equal).then(a.cmp(b))
+    });
+    let mut mask = vec![false; n as usize];
+    for i in &idx[bot as usize..(n - top) as usize] {
+        mask[*i as usize] = true;
+    }
+    masked(delta, |i| mask[i], rescale, dt)
+}
+
+/// DELLA: per row (axis 1), keep probability rises linearly with the rank of
+/// |Δ| from `density − ε` to `density + ε`.
+pub fn della_magprune(
+    delta: &[f32],
+    shape: &[usize],
+    density: f64,
+    epsilon: f64,
+    rescale: bool,
+    dt: DType,
+    stream: Stream,
+    name: &str,
+) -> Result<Vec<f32>> {
+    if density >= 1.0 {
+        return Ok(delta.to_vec());
+    }
+    if density <= 0.0 {
+        return Ok(vec![0.0; delta.len()]);
+    }
+    if !(density - epsilon > 0.0 && density + epsilon < 1.0) {
+        return Err(Error::tensor(
+            name,
+            format!(
+                "della: epsilon {epsilon} must be chosen such that density ± epsilon is in (0, 1) (density {density})"
+            ),
+        ));
+    }
+    // work dtype: f16 is ranked in f32 on CPU
+    let wdt = if dt == DType::F16 { DType::F32 } else { dt };
+    // (outer, len, inner): ranks run along the middle axis
+    let (outer, len, inner) = if shape.len() < 2 {
+        (1, delta.len(), 1)
+    } else {
+        let inner: usize = shape[2..].iter().product();
+        (shape[0], shape[1], inner)
+    };
+    let mut p = vec![0.0f32; delta.len()];
+    let lo = (density - epsilon) as f32;
+    let span = (2.0 * epsilon) as f32;
+    let denom = wdt.round((len as f32 - 1.0).max(0.0));
+    p.par_chunks_mut(len * inner)
+        .enumerate()
+        .for_each(|(o, chunk)| {
+            let _ = o;
+            let base = o * len * inner;
+            let mut idx: Vec<usize> = Vec::with_capacity(len);
+            for c in 0..inner {
+                idx.clear();
+                idx.extend(0..len);
+                idx.sort_by(|a, b| {
+                    let x = delta[base + a * inner + c].abs();
+                    let y = delta[base + b * inner + c].abs();
+                    x.partial_cmp(&y).unwrap_or(Ordering::Equal).then(a.cmp(b))
+                });
+                for (rank0, j) in idx.iter().enumerate() {
+                    let rank = wdt.round(rank0 as f32 + 1.0);
+                    let nr = wdt.round(wdt.round(rank - 1.0) / denom).clamp(0.0, 1.0);
+                    chunk[j * inner + c] = lo + nr * span;
+                }
+            }
+        });
+    let _ = outer;
+    Ok(masked(
+        delta,
+        |i| stream.bernoulli(i as u64, p[i]),
+        rescale,
+        dt,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 100.0)
+            .collect()
+    }
+
+    #[test]
+    fn magnitude_keeps_exact_count_and_largest() {
+        let d = data(8192);
+        let out = magnitude(&d, 0.5, false, DType::F32, "t").unwrap();
+        assert_eq!(out.iter().filter(|x| **x != 0.0).count(), 4096);
+        assert_eq!(magnitude(&d, 1.0, false, DType::F32, "t").unwrap(), d);
+        assert!(magnitude(&d, 0.0, false, DType::F32, "t").is_err());
+        let min_kept = out
+            .iter()
+            .filter(|x| **x != 0.0)
+            .map(|x| x.abs())
+            .fold(f32::MAX, f32::min);
+        let max_dropped = d
+            .iter()
+            .zip(&out)
+            .filter(|(_, o)| **o == 0.0)
+            .map(|(x, _)| x.abs())
+            .fold(0.0, f32::max);
+        assert!(min_kept >= max_dropped);
+    }
+
+    #[test]
+    fn outliers_keep_count_and_quirk() {
+        let d = data(8192);
+        for density in [0.1, 0.3, 0.5, 0.9] {
+            let out = magnitude_outliers(&d, density, 0.1 * (1.0 - density), false, DType::F32);
+            let nz = out.iter().filter(|x| **x != 0.0).count();
+            // a few deltas are exactly zero in this data
+            assert!(
+                (nz as i64 - (8192.0 * density) as i64).abs() <= 10,
+                "{density}: {nz}"
+            );
+        }
+        let small = data(50);
+        assert!(
+            magnitude_outliers(&small, 0.5, 0.01, false, DType::F32)
+                .iter()
+                .all(|x| *x == 0.0)
+        );
+    }
+
+    #[test]
+    fn bernoulli_rescale_preserves_l1() {
+        let d = data(100_000);
+        let s = Stream::new(1, "t", "x");
+        let out = bernoulli(&d, 0.3, true, DType::F32, s);
+        let l1 = |v: &[f32]| v.iter().map(|x| x.abs() as f64).sum::<f64>();
+        assert!((l1(&out) / l1(&d) - 1.0).abs() < 1e-4);
+        let kept = out.iter().filter(|x| **x != 0.0).count() as f64 / d.len() as f64;
+        assert!((kept - 0.3).abs() < 0.01, "{kept}");
+    }
+
+    #[test]
+    fn della_validates_epsilon() {
+        let d = data(64);
+        let s = Stream::new(1, "t", "x");
+        assert!(della_magprune(&d, &[8, 8], 0.5, 0.6, true, DType::F32, s, "t").is_err());
+        let out = della_magprune(&d, &[8, 8], 0.5, 0.05, true, DType::F32, s, "t").unwrap();
+        assert!(out.iter().all(|x| x.is_finite()));
+    }
+}

@@ -1,0 +1,72 @@
+//! An in-memory tensor as merge kernels see it: a shape, values held as f32,
+//! and the working dtype whose precision the values carry.
+
+use crate::dtype::DType;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+    /// The working dtype: every value is representable in it.
+    pub dtype: DType,
+}
+
+impl Tensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>, dtype: DType) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor { shape, data, dtype }
+    }
+
+    pub fn zeros(shape: &[usize], dtype: DType) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::new(shape.to_vec(), vec![0.0; n], dtype)
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Casts to another dtype, rounding every value (torch `.to(dtype)`).
+    pub fn cast(mut self, dtype: DType) -> Tensor {
+        if dtype != self.dtype {
+            if dtype_narrows(self.dtype, dtype) {
+                for v in &mut self.data {
+                    *v = dtype.round(*v);
+                }
+            }
+            self.dtype = dtype;
+        }
+        self
+    }
+
+    /// Length of the last axis (1 for a scalar).
+    pub fn last_dim(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    /// The top-left `rows × cols` sub-matrix of a 2-D tensor.
+    pub fn top_left(&self, rows: usize, cols: usize) -> Tensor {
+        let c0 = self.shape[1];
+        let mut data = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            data.extend_from_slice(&self.data[r * c0..r * c0 + cols]);
+        }
+        Tensor::new(vec![rows, cols], data, self.dtype)
+    }
+
+    pub fn shape_str(&self) -> String {
+        format!("{:?}", self.shape)
+    }
+}
+
+/// Whether casting `from` → `to` can change values (so rounding is needed).
+fn dtype_narrows(from: DType, to: DType) -> bool {
+    !matches!(
+        (from, to),
+        (DType::BF16, DType::F32)
+            | (DType::F16, DType::F32)
+            | (DType::BF16, DType::F64)
+            | (DType::F16, DType::F64)
+            | (DType::F32, DType::F64)
+    )
+}
