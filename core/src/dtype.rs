@@ -247,7 +247,7 @@ mod tests {
         }
         // mergekit's documented example: bf16(0.6) = 0.6015625, bf16(0.4) = 0.400390625
         assert_eq!(bf16_round(0.6), 0.6015625);
-        assert_eq!(bf16_round(0.4), 0.400390625);
+        assert_eq!(bf16_round(0.4), 205.0 / 512.0);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod output;
 pub mod params;
 pub mod plan;
 pub mod rng;
+pub mod synth;
 pub mod tensor;
 
 use std::path::{Path, PathBuf};

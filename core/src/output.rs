@@ -173,7 +173,9 @@ pub fn copy_tokenizer(donor: &Path, dir: &Path) -> Result<Vec<String>> {
     for f in TOKENIZER_FILES {
         let src = donor.join(f);
         if src.is_file() {
-            fs::copy(&src, dir.join(f)).map_err(|e| Error::io(&src, e))?;
+            // copy contents, not permissions (inputs may be read-only)
+            let bytes = fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            write_file(dir, f, &bytes)?;
             copied.push(f.to_string());
         }
     }

@@ -738,7 +738,9 @@ impl TensorPlanner<'_> {
                 format!("cannot merge {working} tensors with {}", self.method.name()),
             ));
         }
-        let out_dtype = force.or(self.cfg.out_dtype).unwrap_or(working);
+        let out_dtype = force
+            .or(self.cfg.out_dtype)
+            .unwrap_or_else(|| self.method.output_dtype(working));
         self.tasks.push(TensorTask {
             name: out.name.clone(),
             inputs,

@@ -46,7 +46,7 @@ pub fn build_header(slots: &[SlotSpec]) -> (Vec<u8>, Vec<u64>) {
         off += n;
     }
     let mut h = serde_json::to_vec(&Value::Object(m)).expect("header serialises");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = Vec::with_capacity(8 + h.len());

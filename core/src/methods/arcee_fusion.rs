@@ -20,6 +20,9 @@ impl MergeMethod for ArceeFusion {
     fn base_use(&self) -> BaseUse {
         BaseUse::Required
     }
+    fn output_dtype(&self, _working: DType) -> DType {
+        DType::F32
+    }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         let n = cx.shapes.len();
         if n == 1 {
@@ -84,11 +87,11 @@ impl MergeMethod for ArceeFusion {
                     let lo = row * len;
                     let p = softmax(&b.data[lo..lo + len]);
                     let q = softmax(&a.data[lo..lo + len]);
-                    let mut s = 0.0f32;
+                    let mut s = 0.0f64;
                     for (pi, qi) in p.iter().zip(&q) {
-                        s += r(pi * r(r(pi / qi).ln()));
+                        s += r(pi * r(r(pi / qi).ln())) as f64;
                     }
-                    r(s)
+                    r(s as f32)
                 })
                 .collect()
         };
@@ -111,12 +114,14 @@ impl MergeMethod for ArceeFusion {
         let (q1, med, q3) = (q(0.25), q(0.5), q(0.75));
         let thr = r(med + r(1.5 * r(q3 - q1)));
         let out = map_n(n, |i| {
+            // mergekit's mask is float32, so `a + delta·mask` is computed (and
+            // returned) in f32
             if imp[i] >= thr {
-                r(a.data[i] + r(b.data[i] - a.data[i]))
+                a.data[i] + r(b.data[i] - a.data[i])
             } else {
                 a.data[i]
             }
         });
-        Ok(Tensor::new(shape, out, dt))
+        Ok(Tensor::new(shape, out, DType::F32))
     }
 }

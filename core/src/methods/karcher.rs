@@ -90,8 +90,8 @@ impl MergeMethod for Karcher {
             if nt < tol {
                 break;
             }
-            let c = nt.cos() as f32;
-            let s = nt.sin() as f32;
+            let c = r(nt.cos() as f32);
+            let s = r(nt.sin() as f32);
             let ntf = nt as f32;
             u = map_n(n, |i| r(r(c * u[i]) + r(s * r(tvec[i] / ntf))));
             let un = norm(&u);

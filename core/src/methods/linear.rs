@@ -117,7 +117,7 @@ mod tests {
         let w6: ParamValues = [("weight".to_string(), 0.6)].into();
         let w4: ParamValues = [("weight".to_string(), 0.4)].into();
         let out = Linear.merge(job(vec![a, b], &g, vec![&w6, &w4])).unwrap();
-        assert_eq!(out.data, vec![DType::BF16.round(0.6015625 + 0.400390625)]);
+        assert_eq!(out.data, vec![DType::BF16.round(0.6015625 + 205.0 / 512.0)]);
     }
 
     proptest! {

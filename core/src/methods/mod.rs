@@ -178,6 +178,11 @@ pub trait MergeMethod: Send + Sync {
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         rectified_shape(cx)
     }
+    /// The dtype of the merged tensor when no `out_dtype` is configured
+    /// (mergekit returns f32 from a few methods whatever the inputs).
+    fn output_dtype(&self, working: DType) -> DType {
+        working
+    }
     fn merge(&self, job: MergeJob) -> Result<Tensor>;
 }
 

@@ -26,12 +26,6 @@ impl MergeMethod for ModelStock {
         if n == 1 && cx.base == Some(0) {
             return Ok(ShapePlan::all(cx.shapes[0].clone(), 1));
         }
-        if cx.base.is_none() {
-            return Err(Error::tensor(
-                cx.name,
-                "model_stock: base model tensor not found",
-            ));
-        }
         if n < 3 {
             if cx.optional {
                 return Ok(ShapePlan::Skip(format!(
@@ -42,6 +36,12 @@ impl MergeMethod for ModelStock {
             return Err(Error::tensor(
                 cx.name,
                 format!("model_stock requires at least 3 models (base + 2), got {n}"),
+            ));
+        }
+        if cx.base.is_none() {
+            return Err(Error::tensor(
+                cx.name,
+                "model_stock: base model tensor not found",
             ));
         }
         rectified_shape(cx)
@@ -90,15 +90,12 @@ impl MergeMethod for ModelStock {
                     let lo = row * len;
                     let na = r(norm(&a[lo..lo + len]));
                     let nb = r(norm(&b[lo..lo + len]));
-                    let mut dot = 0.0f32;
-                    if len == n {
-                        dot = sum_by(n, |k| r(a[k] * b[k]) as f64) as f32;
+                    let dot = if len == n {
+                        sum_by(n, |k| r(a[k] * b[k]) as f64) as f32
                     } else {
-                        for k in lo..lo + len {
-                            dot += r(a[k] * b[k]);
-                        }
-                    }
-                    let c = r(r(dot) / r(na * nb).max(1e-6)).clamp(-1.0, 1.0);
+                        (lo..lo + len).map(|k| r(a[k] * b[k]) as f64).sum::<f64>() as f32
+                    };
+                    let c = r(r(dot) / r(na * nb).max(r(1e-6))).clamp(-1.0, 1.0);
                     *cs += c;
                 }
                 pairs += 1;

@@ -95,7 +95,7 @@ impl MergeMethod for MultiSlerp {
                 None => v,
             }
         };
-        if mean_norm < eps {
+        if mean_norm < r(eps) {
             if xs.len() == 2 {
                 let res = map_n(n, |i| r(r(xs[0][i] * w[0]) + r(xs[1][i] * w[1])));
                 return Ok(Tensor::new(shape, add_base(res), dt));

@@ -40,7 +40,7 @@ impl VecLayout {
             VecLayout::FirstAxis { stride, .. } => stride,
         }
     }
-    pub fn len(&self) -> usize {
+    pub fn vector_len(&self) -> usize {
         match *self {
             VecLayout::Flat { len }
             | VecLayout::LastAxis { len }
@@ -156,7 +156,7 @@ impl MergeMethod for NuSlerp {
 pub fn nuslerp(t: f64, v0: &[f32], v1: &[f32], layout: VecLayout, dt: DType) -> Vec<f32> {
     let n = v0.len();
     let count = layout.count(n);
-    let len = layout.len();
+    let len = layout.vector_len();
     let r = |x: f32| dt.round(x);
     let vnorm = |v: &[f32], k: usize| -> f32 {
         let mut s = 0.0f64;
@@ -177,17 +177,18 @@ pub fn nuslerp(t: f64, v0: &[f32], v1: &[f32], layout: VecLayout, dt: DType) -> 
             .map(|k| {
                 let n0 = vnorm(v0, k).max(eps_n);
                 let n1 = vnorm(v1, k).max(eps_n);
-                let mut c = 0.0f32;
+                // torch sums f32 with blocked (accurate) accumulation: use f64
+                let mut c = 0.0f64;
                 for p in 0..len {
                     let i = layout.index(k, p);
-                    c += r(r(v0[i] / n0) * r(v1[i] / n1));
+                    c += r(r(v0[i] / n0) * r(v1[i] / n1)) as f64;
                 }
-                let cos = r(c).clamp(-1.0, 1.0);
+                let cos = r(c as f32).clamp(-1.0, 1.0);
                 let theta = r(cos.acos());
                 let sin_theta = r(theta.sin());
                 let s0 = r(r(a * theta).sin());
                 let s1 = r(r(b * theta).sin());
-                (s0, s1, sin_theta, sin_theta.abs() < 1e-8)
+                (s0, s1, sin_theta, sin_theta.abs() < r(1e-8))
             })
             .collect()
     };

@@ -34,13 +34,16 @@ impl MergeMethod for Ram {
     fn base_use(&self) -> BaseUse {
         BaseUse::Required
     }
+    fn output_dtype(&self, working: DType) -> DType {
+        if self.plus { DType::F32 } else { working }
+    }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         base_present(cx)?;
         equal_shape(cx)
     }
     fn merge(&self, mut job: MergeJob) -> Result<Tensor> {
         let name = job.name;
-        let eps = job.global("epsilon") as f32;
+        let eps_raw = job.global("epsilon") as f32;
         let rr = if self.plus { job.global("r") } else { 0.0 };
         let alpha = if self.plus { job.global("alpha") } else { 0.0 };
         let (base, xs, _) = job.split_base().ok_or_else(|| {
@@ -51,6 +54,8 @@ impl MergeMethod for Ram {
         }
         let dt = base.dtype;
         let r = |x: f32| dt.round(x);
+        // `|tv| > epsilon` compares against epsilon in the working dtype
+        let eps = r(eps_raw);
         let n = base.numel();
         let tv: Vec<Vec<f32>> = xs
             .iter()
@@ -62,27 +67,35 @@ impl MergeMethod for Ram {
                 .map(|t| {
                     let shared = sum_by(n, |i| (t[i].abs() > eps && count(i) > 1) as u8 as f64);
                     let unique = sum_by(n, |i| (t[i].abs() > eps && count(i) == 1) as u8 as f64);
-                    let rho = shared as f32 / (unique as f32).max(eps);
+                    let rho = shared as f32 / (unique as f32).max(eps_raw);
                     (1.0 + rr * (rho.clamp(0.0, alpha as f32)) as f64) as f32
                 })
                 .collect()
         } else {
             vec![1.0; tv.len()]
         };
+        let plus = self.plus;
         let out = map_n(n, |i| {
             let c = count(i);
             let mut m = 0.0f32;
             for (t, l) in tv.iter().zip(&lambdas) {
                 if t[i].abs() > eps {
                     if c == 1 {
-                        m += if self.plus { r(t[i] * l) } else { t[i] };
+                        // ramplus_tl: λ is a float32 tensor, so this (and
+                        // everything after it) is computed in f32
+                        m += if plus { t[i] * l } else { t[i] };
                     } else {
                         m += r(t[i] / c as f32);
                     }
                 }
             }
-            r(base.data[i] + r(m))
+            if plus {
+                base.data[i] + m
+            } else {
+                r(base.data[i] + r(m))
+            }
         });
-        Ok(Tensor::new(base.shape.clone(), out, dt))
+        let odt = if plus { DType::F32 } else { dt };
+        Ok(Tensor::new(base.shape.clone(), out, odt))
     }
 }

@@ -56,7 +56,8 @@ impl MergeMethod for Sce {
                     r(v as f32)
                 });
                 let nz = var.iter().filter(|v| **v != 0.0).count();
-                let kk = (nz as f64 * topk) as usize;
+                // torch: int64 count × python float → float32, then int()
+                let kk = (nz as f32 * topk as f32) as usize;
                 top_k_mask(&var, kk)
             };
             for t in &mut tv {
@@ -71,7 +72,7 @@ impl MergeMethod for Sce {
             .iter()
             .map(|t| r((sum_by(n, |i| r(t[i] * t[i]) as f64) / n as f64) as f32))
             .collect();
-        let total: f64 = s.iter().map(|v| *v as f64).sum();
+        let total = r(s.iter().map(|v| *v as f64).sum::<f64>() as f32) as f64;
         let omega: Vec<f32> = if total.abs() < 1e-6 {
             vec![r(1.0 / k as f32); k]
         } else {
@@ -91,7 +92,7 @@ impl MergeMethod for Sce {
                     den += w;
                 }
             }
-            let den = r(den).max(1e-6);
+            let den = r(den).max(r(1e-6));
             r(base.data[i] + r(r(merged) / den))
         });
         Ok(Tensor::new(base.shape.clone(), out, dt))

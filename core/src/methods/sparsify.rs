@@ -93,8 +93,14 @@ pub fn bernoulli(
         return delta.to_vec();
     }
     let p = density as f32;
-    // float16 is masked in f32 and cast back (mergekit on CPU); same values here.
-    masked(delta, |i| stream.bernoulli(i as u64, p), rescale, dt)
+    // float16 is masked and rescaled in f32, then cast back once (mergekit on CPU)
+    let wdt = if dt == DType::F16 { DType::F32 } else { dt };
+    let m = masked(delta, |i| stream.bernoulli(i as u64, p), rescale, wdt);
+    if wdt != dt {
+        m.into_iter().map(|x| dt.round(x)).collect()
+    } else {
+        m
+    }
 }
 
 /// Breadcrumbs: drop the smallest and the `gamma` fraction of largest
@@ -134,6 +140,7 @@ pub fn magnitude_outliers(
     masked(delta, |i| mask[i], rescale, dt)
 }
 
+#[allow(clippy::too_many_arguments)]
 /// DELLA: per row (axis 1), keep probability rises linearly with the rank of
 /// |Δ| from `density − ε` to `density + ε`.
 pub fn della_magprune(
@@ -188,19 +195,20 @@ pub fn della_magprune(
                     x.partial_cmp(&y).unwrap_or(Ordering::Equal).then(a.cmp(b))
                 });
                 for (rank0, j) in idx.iter().enumerate() {
-                    let rank = wdt.round(rank0 as f32 + 1.0);
+                    // mergekit: argsort(...).to(work dtype) + 1, then (rank - 1) / (L - 1)
+                    let rank = wdt.round(wdt.round(rank0 as f32) + 1.0);
                     let nr = wdt.round(wdt.round(rank - 1.0) / denom).clamp(0.0, 1.0);
-                    chunk[j * inner + c] = lo + nr * span;
+                    chunk[j * inner + c] = wdt.round(wdt.round(nr * span) + lo);
                 }
             }
         });
     let _ = outer;
-    Ok(masked(
-        delta,
-        |i| stream.bernoulli(i as u64, p[i]),
-        rescale,
-        dt,
-    ))
+    let m = masked(delta, |i| stream.bernoulli(i as u64, p[i]), rescale, wdt);
+    Ok(if wdt != dt {
+        m.into_iter().map(|x| dt.round(x)).collect()
+    } else {
+        m
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,557 @@
+//! End-to-end behaviour of `smelt merge` on synthetic bf16 model families:
+//! determinism, sharding, output safety, tied embeddings, gradients,
+//! frankenmerges, Mixtral expert layouts.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use smelt_core::DType;
+use smelt_core::synth::{LlamaSpec, write_family};
+
+fn family(root: &Path, spec: &LlamaSpec, n: u64) -> Vec<PathBuf> {
+    write_family(root, spec, 42, n, 0.01).expect("synthetic family")
+}
+
+fn spec_sharded() -> LlamaSpec {
+    LlamaSpec {
+        layers: 3,
+        hidden: 64,
+        intermediate: 128,
+        vocab: 640,
+        heads: 4,
+        kv_heads: 2,
+        dtype: DType::BF16,
+        lm_head: true,
+        shard_bytes: 40_000,
+    }
+}
+
+fn yaml_models(method: &str, models: &[(&Path, &str)], base: Option<&Path>, extra: &str) -> String {
+    let mut y = String::from("models:\n");
+    for (m, p) in models {
+        y += &format!("  - model: {}\n", m.display());
+        if !p.is_empty() {
+            y += &format!("    parameters: {p}\n");
+        }
+    }
+    y += &format!("merge_method: {method}\n");
+    if let Some(b) = base {
+        y += &format!("base_model: {}\n", b.display());
+    }
+    y + extra
+}
+
+#[test]
+fn random_methods_are_seeded_and_thread_count_independent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = family(&tmp.path().join("fam"), &spec_sharded(), 2);
+    for method in ["dare_ties", "della", "dare_linear"] {
+        let params = "{weight: 0.6, density: 0.5}";
+        let cfg = tmp.path().join(format!("{method}.yml"));
+        write(
+            &cfg,
+            &yaml_models(
+                method,
+                &[(&ms[1], params), (&ms[2], params)],
+                Some(&ms[0]),
+                "",
+            ),
+        );
+        let run = |name: &str, args: &[&str]| {
+            let out = tmp.path().join(name);
+            assert_ok(&merge(tmp.path(), &cfg, &out, args));
+            dir_bytes(&out)
+        };
+        let one = run(
+            &format!("{method}-t1"),
+            &["--threads", "1", "--random-seed", "7"],
+        );
+        let two = run(
+            &format!("{method}-t2"),
+            &["--threads", "2", "--random-seed", "7"],
+        );
+        let other = run(
+            &format!("{method}-seed8"),
+            &["--threads", "2", "--random-seed", "8"],
+        );
+        for f in ["model.safetensors", "config.json", "mergekit_config.yml"] {
+            assert!(
+                one[f] == two[f],
+                "{method}: same seed, 1 vs 2 threads must give identical {f}"
+            );
+        }
+        assert!(
+            one["model.safetensors"] != other["model.safetensors"],
+            "{method}: a different seed must change the masks"
+        );
+        let card = String::from_utf8_lossy(&one["README.md"]).to_string();
+        assert!(card.contains("Random seed: 7"), "{card}");
+    }
+}
+
+#[test]
+fn sharded_inputs_and_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = family(&tmp.path().join("fam"), &spec_sharded(), 2);
+    assert!(
+        ms[0].join("model.safetensors.index.json").exists(),
+        "inputs are sharded"
+    );
+    let cfg = tmp.path().join("ties.yml");
+    write(
+        &cfg,
+        &yaml_models(
+            "ties",
+            &[
+                (&ms[1], "{weight: 1.0, density: 0.5}"),
+                (&ms[2], "{weight: 0.5, density: 0.7}"),
+            ],
+            Some(&ms[0]),
+            "",
+        ),
+    );
+    let whole = tmp.path().join("whole");
+    let sharded = tmp.path().join("sharded");
+    assert_ok(&merge(tmp.path(), &cfg, &whole, &[]));
+    assert_ok(&merge(
+        tmp.path(),
+        &cfg,
+        &sharded,
+        &["--out-shard-size", "30K"],
+    ));
+    assert!(whole.join("model.safetensors").exists());
+    assert!(
+        !whole.join("model.safetensors.index.json").exists(),
+        "one shard: no index"
+    );
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(sharded.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let wm = index["weight_map"].as_object().unwrap();
+    let files: std::collections::BTreeSet<&str> =
+        wm.values().map(|v| v.as_str().unwrap()).collect();
+    assert!(files.len() > 2, "{files:?}");
+    let n = files.len();
+    for (k, f) in files.iter().enumerate() {
+        assert_eq!(*f, format!("model-{:05}-of-{:05}.safetensors", k + 1, n));
+    }
+    // write order: ascending input name (lm_head first, layers.0 before layers.1)
+    let order: Vec<&String> = wm.keys().collect();
+    assert_eq!(order[0], "lm_head.weight");
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64().unwrap() as usize,
+        read_model(&whole)
+            .values()
+            .map(|t| t.2.len())
+            .sum::<usize>()
+    );
+    assert_eq!(
+        read_model(&whole),
+        read_model(&sharded),
+        "sharding must not change tensors"
+    );
+}
+
+#[test]
+fn linear_bf16_matches_hand_computation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = family(&tmp.path().join("fam"), &spec_sharded(), 2);
+    let cfg = tmp.path().join("lin.yml");
+    write(
+        &cfg,
+        &yaml_models(
+            "linear",
+            &[(&ms[1], "{weight: 0.6}"), (&ms[2], "{weight: 0.4}")],
+            None,
+            "",
+        ),
+    );
+    let out = tmp.path().join("out");
+    assert_ok(&merge(tmp.path(), &cfg, &out, &[]));
+    let a = read_values(&ms[1]);
+    let b = read_values(&ms[2]);
+    let o = read_values(&out);
+    let r = |x: f32| DType::BF16.round(x);
+    let (w0, w1) = (r(0.6), r(0.4));
+    let ws = r(w0 + w1);
+    for (name, t) in &o {
+        assert_eq!(t.dtype, DType::BF16);
+        for i in 0..t.numel() {
+            let expect = r(r(r(w0 * a[name].data[i]) + r(w1 * b[name].data[i])) / ws);
+            assert_eq!(t.data[i], expect, "{name}[{i}]");
+        }
+    }
+}
+
+#[test]
+fn gradients_interpolate_across_layers_and_out_dtype_applies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = spec_sharded();
+    spec.dtype = DType::F32;
+    spec.layers = 3;
+    let ms = family(&tmp.path().join("fam"), &spec, 2);
+    let cfg = tmp.path().join("grad.yml");
+    // weight of ft1 goes 1 → 0 over layers, ft2 the reverse; normalised linear
+    write(
+        &cfg,
+        &yaml_models(
+            "linear",
+            &[(&ms[1], "{weight: [1, 0]}"), (&ms[2], "{weight: [0, 1]}")],
+            None,
+            "out_dtype: bfloat16\n",
+        ),
+    );
+    let out = tmp.path().join("out");
+    assert_ok(&merge(tmp.path(), &cfg, &out, &[]));
+    let a = read_values(&ms[1]);
+    let b = read_values(&ms[2]);
+    let o = read_values(&out);
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let q2 = "model.layers.2.self_attn.q_proj.weight";
+    let q1 = "model.layers.1.self_attn.q_proj.weight";
+    assert_eq!(o[q].dtype, DType::BF16);
+    for i in 0..o[q].numel() {
+        assert_eq!(
+            o[q].data[i],
+            DType::BF16.round(a[q].data[i]),
+            "layer 0 is ft1"
+        );
+        assert_eq!(
+            o[q2].data[i],
+            DType::BF16.round(b[q2].data[i]),
+            "last layer is ft2"
+        );
+        let mid = DType::BF16.round(0.5 * a[q1].data[i] + 0.5 * b[q1].data[i]);
+        assert!(
+            (o[q1].data[i] - mid).abs() <= 1e-2 * mid.abs().max(1e-3),
+            "middle layer is the average"
+        );
+    }
+    // pre/post weights take the first gradient value (t = 0): ft1
+    assert_eq!(
+        o["lm_head.weight"].data[5],
+        DType::BF16.round(a["lm_head.weight"].data[5])
+    );
+    let cfgj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfgj["dtype"], "bfloat16");
+}
+
+#[test]
+fn filters_pick_values_per_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = spec_sharded();
+    spec.dtype = DType::F32;
+    let ms = family(&tmp.path().join("fam"), &spec, 1);
+    let cfg = tmp.path().join("slerp.yml");
+    write(
+        &cfg,
+        &format!(
+            "models:\n  - model: {b}\n  - model: {f}\nmerge_method: slerp\nbase_model: {b}\nparameters:\n  t:\n    - filter: self_attn\n      value: 0\n    - filter: mlp\n      value: 1\n    - value: 0\n",
+            b = ms[0].display(),
+            f = ms[1].display()
+        ),
+    );
+    let out = tmp.path().join("out");
+    assert_ok(&merge(tmp.path(), &cfg, &out, &[]));
+    let base = read_values(&ms[0]);
+    let ft = read_values(&ms[1]);
+    let o = read_values(&out);
+    let attn = "model.layers.1.self_attn.k_proj.weight";
+    let mlp = "model.layers.1.mlp.up_proj.weight";
+    assert_eq!(o[attn].data, base[attn].data, "t=0 on attention: base");
+    for (x, y) in o[mlp].data.iter().zip(&ft[mlp].data) {
+        assert!((x - y).abs() <= 1e-6, "t=1 on mlp: the fine-tune");
+    }
+}
+
+#[test]
+fn tied_embeddings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tied = spec_sharded();
+    tied.lm_head = false;
+    let ms = family(&tmp.path().join("tied"), &tied, 1);
+    let cfg = tmp.path().join("tied.yml");
+    write(
+        &cfg,
+        &yaml_models(
+            "linear",
+            &[(&ms[0], "{weight: 0.5}"), (&ms[1], "{weight: 0.5}")],
+            None,
+            "",
+        ),
+    );
+    let out = tmp.path().join("out");
+    assert_ok(&merge(tmp.path(), &cfg, &out, &[]));
+    assert!(
+        !read_model(&out).contains_key("lm_head.weight"),
+        "no input has lm_head: output stays tied"
+    );
+    // one untied model: the tied one contributes its embeddings as lm_head
+    let untied = family(&tmp.path().join("untied"), &spec_sharded(), 0);
+    let cfg2 = tmp.path().join("mixed.yml");
+    write(
+        &cfg2,
+        &yaml_models(
+            "linear",
+            &[(&ms[0], "{weight: 1.0}"), (&untied[0], "{weight: 1.0}")],
+            None,
+            "",
+        ),
+    );
+    let out2 = tmp.path().join("out2");
+    assert_ok(&merge(tmp.path(), &cfg2, &out2, &[]));
+    let o = read_values(&out2);
+    let t = read_values(&ms[0]);
+    let u = read_values(&untied[0]);
+    let r = |x: f32| DType::BF16.round(x);
+    let i = 17;
+    let expect = r(r(t["model.embed_tokens.weight"].data[i] + u["lm_head.weight"].data[i]) / 2.0);
+    assert_eq!(o["lm_head.weight"].data[i], expect);
+}
+
+#[test]
+fn frankenmerge_renumbers_layers_and_updates_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = spec_sharded();
+    spec.layers = 4;
+    let ms = family(&tmp.path().join("fam"), &spec, 1);
+    let cfg = tmp.path().join("franken.yml");
+    write(
+        &cfg,
+        &format!(
+            "slices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 3]\n  - sources:\n      - model: {b}\n        layer_range: [1, 4]\nmerge_method: passthrough\n",
+            a = ms[0].display(),
+            b = ms[1].display()
+        ),
+    );
+    let out = tmp.path().join("out");
+    assert_ok(&merge(tmp.path(), &cfg, &out, &[]));
+    let cfgj: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfgj["num_hidden_layers"], 6);
+    let o = read_model(&out);
+    let a = read_model(&ms[0]);
+    let b = read_model(&ms[1]);
+    assert_eq!(
+        o["model.layers.2.mlp.up_proj.weight"],
+        a["model.layers.2.mlp.up_proj.weight"]
+    );
+    assert_eq!(
+        o["model.layers.3.mlp.up_proj.weight"],
+        b["model.layers.1.mlp.up_proj.weight"]
+    );
+    assert_eq!(
+        o["model.layers.5.mlp.up_proj.weight"],
+        b["model.layers.3.mlp.up_proj.weight"]
+    );
+    assert!(!o.contains_key("model.layers.6.mlp.up_proj.weight"));
+    // out-of-range layer ranges are refused before any work, naming the field
+    let bad = tmp.path().join("bad.yml");
+    write(
+        &bad,
+        &std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("[1, 4]", "[1, 5]")
+            .replace("[0, 3]", "[0, 4]"),
+    );
+    let o = merge(tmp.path(), &bad, &tmp.path().join("bad-out"), &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("slices[1].sources[0].layer_range"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!tmp.path().join("bad-out").exists());
+}
+
+#[test]
+fn output_safety() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = family(&tmp.path().join("fam"), &LlamaSpec::tiny(), 1);
+    let cfg = tmp.path().join("lin.yml");
+    write(
+        &cfg,
+        &yaml_models(
+            "linear",
+            &[(&ms[0], "{weight: 1}"), (&ms[1], "{weight: 1}")],
+            None,
+            "",
+        ),
+    );
+    // an existing file at OUT is never touched
+    let file = tmp.path().join("afile");
+    write(&file, "precious");
+    let o = merge(tmp.path(), &cfg, &file, &[]);
+    assert!(!o.status.success());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+    // a non-empty directory is refused without --overwrite, replaced with it
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    write(&out.join("old.txt"), "old");
+    let o = merge(tmp.path(), &cfg, &out, &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    assert!(out.join("old.txt").exists());
+    assert_ok(&merge(tmp.path(), &cfg, &out, &["--overwrite"]));
+    assert!(!out.join("old.txt").exists());
+    assert!(out.join("model.safetensors").exists());
+    // a failing merge (missing required parameter) leaves nothing behind
+    let bad = tmp.path().join("bad.yml");
+    write(
+        &bad,
+        &yaml_models("linear", &[(&ms[0], "{weight: 1}"), (&ms[1], "")], None, ""),
+    );
+    let o = merge(tmp.path(), &bad, &tmp.path().join("never"), &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("weight"), "{}", stderr(&o));
+    assert!(!tmp.path().join("never").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("smelt-tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary directories left: {leftovers:?}"
+    );
+    // a stale temporary from a killed run (dead pid) is cleaned by the next run
+    let stale = tmp.path().join(".out2.smelt-tmp-4000000");
+    std::fs::create_dir(&stale).unwrap();
+    write(&stale.join("model.safetensors"), "partial");
+    assert_ok(&merge(tmp.path(), &cfg, &tmp.path().join("out2"), &[]));
+    assert!(!stale.exists());
+}
+
+#[test]
+fn mergekit_options_are_accepted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = family(&tmp.path().join("fam"), &LlamaSpec::tiny(), 1);
+    let cfg = tmp.path().join("lin.yml");
+    write(
+        &cfg,
+        &yaml_models(
+            "linear",
+            &[(&ms[0], "{weight: 1}"), (&ms[1], "{weight: 1}")],
+            None,
+            "",
+        ),
+    );
+    let out = tmp.path().join("out");
+    let o = merge(
+        tmp.path(),
+        &cfg,
+        &out,
+        &[
+            "--cuda",
+            "--low-cpu-memory",
+            "--lazy-unpickle",
+            "--no-copy-tokenizer",
+            "--allow-crimes",
+            "-j",
+            "2",
+            "--out-shard-size",
+            "5B",
+            "--async-write",
+            "--write-threads",
+            "2",
+            "--device",
+            "cpu",
+            "-v",
+            "--no-write-model-card",
+            "--trust-remote-code",
+            "--clone-tensors",
+        ],
+    );
+    assert_ok(&o);
+    assert!(stderr(&o).contains("note: --cuda"), "{}", stderr(&o));
+    assert!(!out.join("tokenizer.json").exists(), "--no-copy-tokenizer");
+    assert!(!out.join("README.md").exists(), "--no-write-model-card");
+    assert!(out.join("config.json").exists());
+}
+
+#[test]
+fn mixtral_per_expert_checkpoints_are_fused() {
+    use smelt_core::io::writer::{ShardWriter, SlotSpec};
+    let tmp = tempfile::tempdir().unwrap();
+    let (h, i, e) = (8usize, 12usize, 2usize);
+    let mk = |dir: &Path, seed: f32| {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut slots = vec![
+            ("model.embed_tokens.weight".to_string(), vec![16, h]),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
+        let p = "model.layers.0";
+        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+            slots.push((format!("{p}.{n}"), vec![h]));
+        }
+        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            slots.push((format!("{p}.self_attn.{n}.weight"), vec![h, h]));
+        }
+        slots.push((format!("{p}.block_sparse_moe.gate.weight"), vec![e, h]));
+        for x in 0..e {
+            slots.push((
+                format!("{p}.block_sparse_moe.experts.{x}.w1.weight"),
+                vec![i, h],
+            ));
+            slots.push((
+                format!("{p}.block_sparse_moe.experts.{x}.w3.weight"),
+                vec![i, h],
+            ));
+            slots.push((
+                format!("{p}.block_sparse_moe.experts.{x}.w2.weight"),
+                vec![h, i],
+            ));
+        }
+        let specs: Vec<SlotSpec> = slots
+            .iter()
+            .map(|(n, s)| SlotSpec {
+                name: n.clone(),
+                dtype: DType::F32,
+                shape: s.clone(),
+            })
+            .collect();
+        let w = ShardWriter::create(dir, &[("model.safetensors".into(), specs.clone())]).unwrap();
+        for (k, s) in specs.iter().enumerate() {
+            let n: usize = s.shape.iter().product();
+            let vals: Vec<f32> = (0..n)
+                .map(|j| seed + k as f32 * 1000.0 + j as f32)
+                .collect();
+            let mut b = Vec::new();
+            DType::F32.encode(&vals, &mut b);
+            w.write(0, k, &b).unwrap();
+        }
+        w.finish().unwrap();
+        write(&dir.join("config.json"), &serde_json::json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_hidden_layers": 1, "num_local_experts": e, "hidden_size": h, "vocab_size": 16}).to_string());
+    };
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    mk(&a, 0.0);
+    mk(&b, 2.0);
+    let cfg = tmp.path().join("moe.yml");
+    write(
+        &cfg,
+        &yaml_models(
+            "linear",
+            &[(&a, "{weight: 1}"), (&b, "{weight: 1}")],
+            None,
+            "",
+        ),
+    );
+    let out = tmp.path().join("out");
+    assert_ok(&merge(tmp.path(), &cfg, &out, &[]));
+    let o = read_values(&out);
+    let gu = &o["model.layers.0.mlp.experts.gate_up_proj"];
+    assert_eq!(gu.shape, vec![e, 2 * i, h]);
+    let dn = &o["model.layers.0.mlp.experts.down_proj"];
+    assert_eq!(dn.shape, vec![e, h, i]);
+    assert_eq!(o["model.layers.0.mlp.gate.weight"].shape, vec![e, h]);
+    // expert 1's up rows come from w3 of expert 1: mean of a and b (+1.0 offset)
+    let ra = read_values(&a);
+    let up1 = &ra["model.layers.0.block_sparse_moe.experts.1.w3.weight"];
+    let at = 2 * i * h + i * h + 3; // expert 1 block (2·i·h), after its gate rows (i·h), element 3
+    assert_eq!(gu.data[at], up1.data[3] + 1.0);
+}
