@@ -19,7 +19,15 @@ pub const DEFAULT_MEMORY_BUDGET: u64 = 2 << 30;
 
 /// Reads one input of a task, cast to the working dtype.
 pub fn load_input(task: &TensorTask, i: usize, models: &[ModelTensors]) -> Result<Tensor> {
-    let inp = &task.inputs[i];
+    read_input(task, &task.inputs[i], models)
+}
+
+/// Reads a task input (or extra input), cast to the working dtype.
+pub fn read_input(
+    task: &TensorTask,
+    inp: &crate::plan::TaskInput,
+    models: &[ModelTensors],
+) -> Result<Tensor> {
     let mt = &models[inp.model];
     let t = match &inp.source {
         InputSource::Tensor(n) => mt.read(n)?,
@@ -51,9 +59,30 @@ pub fn compute_task(
 ) -> Result<Vec<u8>> {
     let method = methods::get(&plan.method)
         .ok_or_else(|| Error::msg(format!("unknown method {}", plan.method)))?;
-    let tensors = (0..task.inputs.len())
+    let mut tensors = (0..task.inputs.len())
         .map(|i| load_input(task, i, models))
         .collect::<Result<Vec<_>>>()?;
+    if task.permute {
+        let p = &plan
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| {
+                Error::tensor(&task.name, "internal: permutation without a tokenizer plan")
+            })?
+            .permutation;
+        let mut mats: std::collections::HashMap<usize, Tensor> = std::collections::HashMap::new();
+        for (inp, t) in task.inputs.iter().zip(tensors.drain(..)) {
+            mats.insert(inp.model, t);
+        }
+        for inp in &task.extra_inputs {
+            mats.insert(inp.model, read_input(task, inp, models)?);
+        }
+        tensors = task
+            .inputs
+            .iter()
+            .map(|inp| crate::tokenizer::permute(p, inp.model, &mats, &task.name))
+            .collect::<Result<Vec<_>>>()?;
+    }
     let job = MergeJob {
         name: &task.name,
         tensors,

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod rng;
 pub mod synth;
 pub mod tensor;
+pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
@@ -172,8 +173,34 @@ fn write_all(
         )?;
     }
     output::write_file(dir, "config.json", &output::pretty_json(&plan.out_config))?;
-    if opts.copy_tokenizer {
-        output::copy_tokenizer(&models[plan.donor].dir, dir)?;
+    if let Some(t) = &plan.tokenizer {
+        let mut files = t.files.clone();
+        if let Some(ct) = &plan.chat_template {
+            tokenizer::apply_chat_template(&mut files, ct);
+        }
+        for (name, text) in &files {
+            output::write_file(dir, name, text.as_bytes())?;
+        }
+    } else if opts.copy_tokenizer {
+        let copied = output::copy_tokenizer(&models[plan.donor].dir, dir)?;
+        if let Some(ct) = &plan.chat_template {
+            let mut files: Vec<(String, String)> = copied
+                .iter()
+                .filter(|n| n.ends_with(".json") || n.ends_with(".jinja"))
+                .filter_map(|n| {
+                    std::fs::read_to_string(dir.join(n))
+                        .ok()
+                        .map(|t| (n.clone(), t))
+                })
+                .collect();
+            for (n, _) in &files {
+                let _ = std::fs::remove_file(dir.join(n));
+            }
+            tokenizer::apply_chat_template(&mut files, ct);
+            for (name, text) in &files {
+                output::write_file(dir, name, text.as_bytes())?;
+            }
+        }
     }
     if opts.write_model_card {
         output::write_file(dir, "mergekit_config.yml", config.source_text.as_bytes())?;

@@ -79,6 +79,13 @@ pub struct TensorTask {
     pub shape: Vec<usize>,
     pub shard: usize,
     pub slot: usize,
+    /// Re-index inputs to the merged tokenizer's vocabulary first.
+    #[serde(default)]
+    pub permute: bool,
+    /// Embedding matrices of models outside `inputs` that permutation
+    /// defaults draw rows from.
+    #[serde(default)]
+    pub extra_inputs: Vec<TaskInput>,
 }
 
 impl TensorTask {
@@ -122,6 +129,10 @@ pub struct MergePlan {
     pub base: Option<usize>,
     pub seed: u64,
     pub architecture: String,
+    /// The merged tokenizer, when the configuration asks for one.
+    pub tokenizer: Option<crate::tokenizer::TokenizerOutput>,
+    /// Chat template to attach to the written tokenizer.
+    pub chat_template: Option<String>,
     pub warnings: Vec<String>,
 }
 
@@ -381,12 +392,30 @@ pub fn plan_merge(
         o.insert("dtype".into(), Value::from(dt.config_name()));
     }
 
+    // --- tokenizer (spec §3.5)
+    let tokenizer = match &cfg.tokenizer {
+        Some(t) => {
+            let all: Vec<usize> = (0..models.len()).collect();
+            let out = crate::tokenizer::build(t, models, &arch, donor, &all)?;
+            warnings.extend(out.warnings.iter().cloned());
+            set_config_path(
+                &mut out_config,
+                arch.vocab_size_key(),
+                Value::from(out.permutation.rows),
+            );
+            Some(out)
+        }
+        None => None,
+    };
+    let chat_template = crate::tokenizer::resolve_chat_template(cfg, models)?;
+
     // --- tensors (spec §3.3)
     let mut planner = TensorPlanner {
         cfg,
         models,
         method: method.as_ref(),
         arch: &arch,
+        permutation: tokenizer.as_ref().map(|t| &t.permutation),
         tasks: Vec::new(),
         warnings: Vec::new(),
     };
@@ -435,7 +464,7 @@ pub fn plan_merge(
         &nlayers,
     )?;
     warnings.extend(planner.warnings);
-    let mut tasks = planner.tasks;
+    let tasks = planner.tasks;
     if tasks.is_empty() {
         return Err(Error::msg("the merge produces no tensors"));
     }
@@ -445,36 +474,25 @@ pub fn plan_merge(
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            (
+            // permuted embeddings carry mergekit's empty group label: first
+            let label = if t.permute {
+                String::new()
+            } else {
                 t.inputs
                     .iter()
                     .map(|x| x.source.label())
                     .max()
-                    .unwrap_or_default(),
-                i,
-            )
+                    .unwrap_or_default()
+            };
+            (label, i)
         })
         .collect();
     order.sort();
-    let mut sorted: Vec<TensorTask> = Vec::with_capacity(tasks.len());
-    for (_, i) in &order {
-        sorted.push(std::mem::replace(
-            &mut tasks[*i],
-            TensorTask {
-                name: String::new(),
-                inputs: vec![],
-                base: None,
-                global: ParamValues::new(),
-                per_model: vec![],
-                is_embed: false,
-                working_dtype: DType::F32,
-                out_dtype: DType::F32,
-                shape: vec![],
-                shard: 0,
-                slot: 0,
-            },
-        ));
-    }
+    let mut slots: Vec<Option<TensorTask>> = tasks.into_iter().map(Some).collect();
+    let mut sorted: Vec<TensorTask> = order
+        .iter()
+        .map(|(_, i)| slots[*i].take().expect("each task once"))
+        .collect();
     let mut groups: Vec<Vec<usize>> = vec![vec![]];
     let mut cur = 0u64;
     for (i, t) in sorted.iter().enumerate() {
@@ -523,6 +541,8 @@ pub fn plan_merge(
         base: top_base,
         seed: opts.random_seed,
         architecture: arch.file.clone(),
+        tokenizer,
+        chat_template,
         warnings,
     })
 }
@@ -570,6 +590,7 @@ struct TensorPlanner<'a> {
     models: &'a [LoadedModel],
     method: &'a dyn MergeMethod,
     arch: &'a Architecture,
+    permutation: Option<&'a crate::tokenizer::EmbedPermutation>,
     tasks: Vec<TensorTask>,
     warnings: Vec<String>,
 }
@@ -684,7 +705,58 @@ impl TensorPlanner<'_> {
             return Err(Error::tensor(&out.name, "no model provides this tensor"));
         }
         let mut base = base_model.and_then(|b| inputs.iter().position(|i| i.model == b));
-        let shapes: Vec<Vec<usize>> = inputs.iter().map(|i| i.shape.clone()).collect();
+        let permute = out.is_embed && self.permutation.is_some();
+        let mut extra_inputs = Vec::new();
+        let shapes: Vec<Vec<usize>> = match self.permutation.filter(|_| permute) {
+            Some(p) => {
+                let d = inputs[0].shape.get(1).copied().unwrap_or(0);
+                for i in &inputs {
+                    if i.shape.len() != 2 || i.shape[1] != d {
+                        return Err(Error::tensor(
+                            &out.name,
+                            format!(
+                                "tokenizer merge needs 2-D embeddings of equal width; found {:?} and {:?}",
+                                inputs[0].shape, i.shape
+                            ),
+                        ));
+                    }
+                }
+                // models whose rows the defaults use but that are not inputs
+                let mut wanted: Vec<usize> = p
+                    .defaults
+                    .iter()
+                    .flat_map(|d| match d {
+                        crate::tokenizer::DefaultRow::Mean(rows) => {
+                            rows.iter().map(|r| r.0).collect()
+                        }
+                        _ => vec![],
+                    })
+                    .filter(|m| !inputs.iter().any(|i| i.model == *m))
+                    .collect();
+                wanted.sort();
+                wanted.dedup();
+                let w = &ins[0].1;
+                for m in wanted {
+                    let mt = &self.models[m].tensors;
+                    let found = std::iter::once(&w.name)
+                        .chain(&w.aliases)
+                        .chain(&w.tied_names)
+                        .find(|n| mt.contains(n))
+                        .map(|n| InputSource::Tensor(n.clone()));
+                    if let Some(source) = found {
+                        let (dtype, shape) = source_meta(&source, mt, &w.name)?;
+                        extra_inputs.push(TaskInput {
+                            model: m,
+                            source,
+                            dtype,
+                            shape,
+                        });
+                    }
+                }
+                inputs.iter().map(|_| vec![p.rows, d]).collect()
+            }
+            None => inputs.iter().map(|i| i.shape.clone()).collect(),
+        };
         let decision = self.method.plan_shapes(&ShapeCtx {
             name: &out.name,
             shapes: &shapes,
@@ -753,6 +825,8 @@ impl TensorPlanner<'_> {
             shape,
             shard: 0,
             slot: 0,
+            permute,
+            extra_inputs,
         });
         Ok(())
     }
