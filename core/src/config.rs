@@ -187,6 +187,8 @@ pub struct MergeConfig {
     pub chat_template: Option<String>,
     /// The YAML text exactly as read (written as mergekit_config.yml).
     pub source_text: String,
+    /// The configuration file's name, for messages.
+    pub file: String,
     /// Things mergekit tolerates but a user may want to know (unknown keys...).
     pub warnings: Vec<String>,
 }
@@ -328,6 +330,12 @@ impl Ctx<'_> {
                 .as_f64()
                 .ok_or_else(|| self.err(field, "number out of range")),
             Value::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
+            Value::String(s) if matches!(s.as_str(), ".nan" | ".inf" | "-.inf" | "+.inf") => {
+                Err(self.err(
+                    field,
+                    format!("{s} is not allowed: parameters must be finite numbers"),
+                ))
+            }
             _ => Err(self.err(
                 field,
                 format!(
@@ -344,10 +352,7 @@ impl Ctx<'_> {
                 if items.is_empty() {
                     return Err(self.err(field, "empty list"));
                 }
-                if items
-                    .iter()
-                    .all(|i| matches!(i, Value::Number(_) | Value::Bool(_)))
-                {
+                if items.iter().all(|i| !i.is_object()) {
                     let g = items
                         .iter()
                         .enumerate()
@@ -658,6 +663,7 @@ fn kind(v: &Value) -> &'static str {
 pub fn yaml_to_value(text: &str, file: &str) -> Result<Value> {
     let opts = serde_saphyr::options! {
         duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::LastWins,
+        non_finite_float_policy: serde_saphyr::options::NonFiniteFloatPolicy::AsString,
     };
     serde_saphyr::from_str_with_options::<Value>(text, opts)
         .map_err(|e| Error::format(file, format!("YAML syntax error: {e}")))
@@ -785,6 +791,7 @@ pub fn parse_config(text: &str, file: &str) -> Result<MergeConfig> {
         tokenizer,
         chat_template,
         source_text: text.to_string(),
+        file: file.to_string(),
         warnings: cx.warnings,
     })
 }

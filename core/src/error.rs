@@ -6,11 +6,11 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O failure on a named path.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {err}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        // not a #[source]: the message already includes it
+        err: std::io::Error,
     },
     /// The merge configuration is invalid; `field` is a path such as
     /// `models[1].parameters.weight`.
@@ -37,7 +37,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     pub fn format(file: impl std::fmt::Display, msg: impl Into<String>) -> Error {

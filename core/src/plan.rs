@@ -202,7 +202,7 @@ pub fn plan_merge(
     opts: &PlanOptions,
 ) -> Result<MergePlan> {
     let method = methods::get(&cfg.merge_method).ok_or_else(|| Error::Config {
-        file: "config".into(),
+        file: cfg.file.clone(),
         field: "merge_method".into(),
         msg: format!(
             "unknown merge method {:?}; known: {}",
@@ -325,7 +325,7 @@ pub fn plan_merge(
                     let n = nlayers(m)?;
                     if b > n {
                         return Err(Error::Config {
-                            file: "config".into(),
+                            file: cfg.file.clone(),
                             field: format!("slices[{si}].sources[{j}].layer_range"),
                             msg: format!(
                                 "[{a}, {b}] is out of bounds: {} has {n} layers",
@@ -337,7 +337,7 @@ pub fn plan_merge(
                         None => len = Some(b - a),
                         Some(l) if l != b - a => {
                             return Err(Error::Config {
-                                file: "config".into(),
+                                file: cfg.file.clone(),
                                 field: format!("slices[{si}].sources[{j}].layer_range"),
                                 msg: format!(
                                     "all inputs to a slice must contain the same number of layers ({l} vs {})",
@@ -361,7 +361,7 @@ pub fn plan_merge(
     };
     if method.base_use() == BaseUse::Required && slices.iter().any(|s| s.base.is_none()) {
         return Err(Error::Config {
-            file: "config".into(),
+            file: cfg.file.clone(),
             field: "base_model".into(),
             msg: format!("merge method {} requires a base_model", method.name()),
         });
@@ -671,6 +671,15 @@ impl TensorPlanner<'_> {
                             spec.name, model.reference, w.name
                         )));
                     }
+                    None if spec.required && self.method.base_use() == BaseUse::Unused => {
+                        return Err(Error::msg(format!(
+                            "{}: base_model {} takes part in the merge but has no `{}`; list it under models with a {}, or drop base_model",
+                            self.method.name(),
+                            model.reference,
+                            spec.name,
+                            spec.name
+                        )));
+                    }
                     None => {}
                 }
             }
@@ -788,6 +797,27 @@ impl TensorPlanner<'_> {
             inputs = ni;
             per_model = np;
             base = base_model.and_then(|b| inputs.iter().position(|i| i.model == b));
+        }
+        let labels: Vec<String> = inputs
+            .iter()
+            .map(|i| self.models[i.model].reference.to_string())
+            .collect();
+        let is_base: Vec<bool> = inputs.iter().map(|i| Some(i.model) == base_model).collect();
+        let numel: usize = shape.iter().product();
+        let warns = self
+            .method
+            .validate(&crate::methods::ValidateCtx {
+                global: &global,
+                per_model: &per_model,
+                is_base: &is_base,
+                labels: &labels,
+                numel,
+            })
+            .map_err(|e| Error::tensor(&out.name, e))?;
+        for w in warns {
+            if !self.warnings.contains(&w) {
+                self.warnings.push(w);
+            }
         }
         let force = out
             .force_dtype

@@ -161,9 +161,9 @@ pub fn write_llama(
     for (k, g) in shards.iter().enumerate() {
         for (slot, (n, s)) in g.iter().enumerate() {
             let numel: usize = s.iter().product();
-            let vals: Vec<f32> = (0..numel)
-                .map(|i| spec.dtype.round(weight_value(seed, n, i, variant, delta)))
-                .collect();
+            let vals = crate::methods::map_n(numel, |i| {
+                spec.dtype.round(weight_value(seed, n, i, variant, delta))
+            });
             let mut bytes = Vec::new();
             spec.dtype.encode(&vals, &mut bytes);
             total += bytes.len() as u64;

@@ -558,7 +558,7 @@ pub fn resolve_chat_template(cfg: &MergeConfig, models: &[LoadedModel]) -> Resul
         return Ok(Some(ct.clone()));
     }
     Err(Error::Config {
-        file: "config".into(),
+        file: cfg.file.clone(),
         field: "chat_template".into(),
         msg: format!(
             "invalid chat template {ct:?}: not auto, a bundled name (alpaca, chatml, exaone, llama3, mistral) or a Jinja template"

@@ -126,6 +126,34 @@ impl MergeMethod for GeneralizedTaskArithmetic {
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         task_vector_shapes(cx)
     }
+    fn validate(&self, cx: &ValidateCtx) -> std::result::Result<Vec<String>, String> {
+        let warnings = validate_common(cx)?;
+        for (i, pm) in cx.per_model.iter().enumerate() {
+            let density = pm.get("density").copied().unwrap_or(1.0);
+            if cx.is_base[i] || density >= 1.0 {
+                continue;
+            }
+            match self.sparsify {
+                Sparsify::DellaMagprune => {
+                    let eps = pm.get("epsilon").copied().unwrap_or(0.15);
+                    if !(density - eps > 0.0 && density + eps < 1.0) {
+                        return Err(format!(
+                            "della: density {density} ± epsilon {eps} for model {} must stay inside (0, 1)",
+                            cx.labels[i]
+                        ));
+                    }
+                }
+                Sparsify::Magnitude if (density * cx.numel as f64) as usize == 0 => {
+                    return Err(format!(
+                        "density {density} for model {} keeps no element of this {}-element tensor",
+                        cx.labels[i], cx.numel
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(warnings)
+    }
     fn merge(&self, mut job: MergeJob) -> Result<Tensor> {
         let name = job.name;
         let seed = job.seed;

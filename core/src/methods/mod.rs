@@ -178,12 +178,54 @@ pub trait MergeMethod: Send + Sync {
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         rectified_shape(cx)
     }
+    /// Checks the resolved parameter values of one tensor before any work:
+    /// `Ok(warnings)`, or an error for values that can only be mistakes or
+    /// that mergekit rejects.
+    fn validate(&self, cx: &ValidateCtx) -> std::result::Result<Vec<String>, String> {
+        validate_common(cx)
+    }
     /// The dtype of the merged tensor when no `out_dtype` is configured
     /// (mergekit returns f32 from a few methods whatever the inputs).
     fn output_dtype(&self, working: DType) -> DType {
         working
     }
     fn merge(&self, job: MergeJob) -> Result<Tensor>;
+}
+
+/// What [`MergeMethod::validate`] sees.
+pub struct ValidateCtx<'a> {
+    pub global: &'a ParamValues,
+    pub per_model: &'a [ParamValues],
+    /// Whether each input is the base model.
+    pub is_base: &'a [bool],
+    /// Each input's model, for messages.
+    pub labels: &'a [String],
+    pub numel: usize,
+}
+
+/// Checks shared by every method: `density` in (0, 1] for non-base models;
+/// `t` outside [0, 1] is allowed with a warning.
+pub fn validate_common(cx: &ValidateCtx) -> std::result::Result<Vec<String>, String> {
+    let mut warnings = Vec::new();
+    for (i, pm) in cx.per_model.iter().enumerate() {
+        if cx.is_base[i] {
+            continue;
+        }
+        if let Some(d) = pm.get("density")
+            && !(*d > 0.0 && *d <= 1.0)
+        {
+            return Err(format!(
+                "density {d} for model {} is outside (0, 1]",
+                cx.labels[i]
+            ));
+        }
+    }
+    if let Some(t) = cx.global.get("t")
+        && !(0.0..=1.0).contains(t)
+    {
+        warnings.push(format!("t = {t} is outside [0, 1]: the merge extrapolates"));
+    }
+    Ok(warnings)
 }
 
 /// All methods, by registry name.

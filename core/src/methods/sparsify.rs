@@ -33,27 +33,105 @@ pub fn masked(
     map_n(m.len(), |i| dt.round(m[i] * ratio))
 }
 
-/// Indices sorted by |Δ| descending (ties: lower index first), keeping the
-/// first `k` as a boolean mask.
-pub fn top_k_mask(delta: &[f32], k: usize) -> Vec<bool> {
-    let n = delta.len();
-    let mut mask = vec![false; n];
+/// Order-preserving key of |x| (larger magnitude → larger key; NaN largest).
+#[inline(always)]
+pub fn abs_key(x: f32) -> u32 {
+    x.to_bits() & 0x7FFF_FFFF
+}
+
+const HIST_CHUNK: usize = 1 << 20;
+
+fn histogram(n: usize, bin: impl Fn(usize) -> Option<usize> + Sync) -> Vec<u64> {
+    (0..n.div_ceil(HIST_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut h = vec![0u64; 1 << 16];
+            for i in c * HIST_CHUNK..((c + 1) * HIST_CHUNK).min(n) {
+                if let Some(b) = bin(i) {
+                    h[b] += 1;
+                }
+            }
+            h
+        })
+        .reduce(
+            || vec![0u64; 1 << 16],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        )
+}
+
+/// Selects the `k` elements with the largest keys (radix select: two
+/// 16-bit histogram passes, exact and deterministic). Among equal keys at
+/// the boundary, lower indices are taken first when `ties_low_first`, else
+/// higher indices.
+pub fn select_largest(
+    n: usize,
+    k: usize,
+    key: impl Fn(usize) -> u32 + Sync,
+    ties_low_first: bool,
+) -> Vec<bool> {
     if k == 0 {
-        return mask;
+        return vec![false; n];
     }
     if k >= n {
         return vec![true; n];
     }
-    let mut idx: Vec<u32> = (0..n as u32).collect();
-    let cmp = |a: &u32, b: &u32| {
-        let (x, y) = (delta[*a as usize].abs(), delta[*b as usize].abs());
-        y.partial_cmp(&x).unwrap_or(Ordering::Equal).then(a.cmp(b))
+    let h1 = histogram(n, |i| Some((key(i) >> 16) as usize));
+    let (mut cum, mut hi) = (0u64, 0usize);
+    for b in (0..1 << 16).rev() {
+        if cum + h1[b] >= k as u64 {
+            hi = b;
+            break;
+        }
+        cum += h1[b];
+    }
+    let need = k as u64 - cum;
+    let h2 = histogram(n, |i| {
+        let kk = key(i);
+        ((kk >> 16) as usize == hi).then_some((kk & 0xFFFF) as usize)
+    });
+    let (mut cum2, mut lo) = (0u64, 0usize);
+    for b in (0..1 << 16).rev() {
+        if cum2 + h2[b] >= need {
+            lo = b;
+            break;
+        }
+        cum2 += h2[b];
+    }
+    let thr = ((hi as u32) << 16) | lo as u32;
+    let ties = (need - cum2) as usize;
+    let mut mask: Vec<bool> = vec![false; n];
+    mask.par_chunks_mut(BLOCK).enumerate().for_each(|(b, m)| {
+        for (j, o) in m.iter_mut().enumerate() {
+            *o = key(b * BLOCK + j) > thr;
+        }
+    });
+    // boundary ties, in index order from the chosen end
+    let mut left = ties;
+    let order: Box<dyn Iterator<Item = usize>> = if ties_low_first {
+        Box::new(0..n)
+    } else {
+        Box::new((0..n).rev())
     };
-    idx.select_nth_unstable_by(k - 1, cmp);
-    for i in &idx[..k] {
-        mask[*i as usize] = true;
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        if key(i) == thr {
+            mask[i] = true;
+            left -= 1;
+        }
     }
     mask
+}
+
+/// The `k` largest magnitudes (ties: lower flat index first) as a mask.
+pub fn top_k_mask(delta: &[f32], k: usize) -> Vec<bool> {
+    select_largest(delta.len(), k, |i| abs_key(delta[i]), true)
 }
 
 /// TIES magnitude pruning: keep the `floor(density·n)` largest magnitudes.
@@ -128,15 +206,12 @@ pub fn magnitude_outliers(
         // python `sorted[bot:-0]` is empty
         return masked(delta, |_| false, rescale, dt);
     }
-    let mut idx: Vec<u32> = (0..n as u32).collect();
-    idx.par_sort_unstable_by(|a, b| {
-        let (x, y) = (delta[*a as usize].abs(), delta[*b as usize].abs());
-        x.partial_cmp(&y).unwrap_or(Ordering::Equal).then(a.cmp(b))
-    });
-    let mut mask = vec![false; n as usize];
-    for i in &idx[bot as usize..(n - top) as usize] {
-        mask[*i as usize] = true;
-    }
+    // ascending stable order: the bottom `bot` (ties: lower index first) and
+    // the top `top` (ties: higher index first) are dropped
+    let n = n as usize;
+    let low = select_largest(n, bot as usize, |i| !abs_key(delta[i]), true);
+    let high = select_largest(n, top as usize, |i| abs_key(delta[i]), false);
+    let mask: Vec<bool> = low.iter().zip(&high).map(|(l, h)| !l && !h).collect();
     masked(delta, |i| mask[i], rescale, dt)
 }
 
@@ -271,6 +346,22 @@ mod tests {
         assert!((l1(&out) / l1(&d) - 1.0).abs() < 1e-4);
         let kept = out.iter().filter(|x| **x != 0.0).count() as f64 / d.len() as f64;
         assert!((kept - 0.3).abs() < 0.01, "{kept}");
+    }
+
+    proptest::proptest! {
+        /// Radix select equals a stable sort (ties broken by index) on data
+        /// with many equal keys.
+        #[test]
+        fn select_largest_matches_sort(keys in proptest::collection::vec(0u32..40, 1..3000), kf in 0.0f64..1.0, low in proptest::bool::ANY) {
+            let n = keys.len();
+            let k = (kf * n as f64) as usize;
+            let got = select_largest(n, k, |i| keys[i] * 65_537, low);
+            let mut idx: Vec<usize> = (0..n).collect();
+            idx.sort_by(|a, b| keys[*b].cmp(&keys[*a]).then(if low { a.cmp(b) } else { b.cmp(a) }));
+            let mut want = vec![false; n];
+            for i in &idx[..k] { want[*i] = true; }
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     #[test]
