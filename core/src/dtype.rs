@@ -271,3 +271,107 @@ mod tests {
         }
     }
 }
+
+/// Decodes little-endian bytes into f32 values in parallel.
+pub fn decode_par(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    use rayon::prelude::*;
+    match dtype {
+        DType::BF16 => bytes
+            .par_chunks_exact(2)
+            .with_min_len(4096)
+            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+            .collect(),
+        DType::F32 => bytes
+            .par_chunks_exact(4)
+            .with_min_len(4096)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        _ => {
+            let mut out = Vec::new();
+            dtype.decode(bytes, &mut out);
+            out
+        }
+    }
+}
+
+/// Encodes f32 values into little-endian bytes of `dtype` in parallel.
+pub fn encode_par(dtype: DType, values: &[f32]) -> Vec<u8> {
+    use rayon::prelude::*;
+    const B: usize = 1 << 15;
+    let s = dtype.size();
+    let mut out = vec![0u8; values.len() * s];
+    out.par_chunks_mut(B * s).enumerate().for_each(|(b, o)| {
+        let src = &values[b * B..b * B + o.len() / s];
+        match dtype {
+            DType::BF16 => {
+                for (c, v) in o.chunks_exact_mut(2).zip(src) {
+                    c.copy_from_slice(&((bf16_round(*v).to_bits() >> 16) as u16).to_le_bytes());
+                }
+            }
+            DType::F32 => {
+                for (c, v) in o.chunks_exact_mut(4).zip(src) {
+                    c.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            _ => {
+                let mut tmp = Vec::with_capacity(o.len());
+                dtype.encode(src, &mut tmp);
+                o.copy_from_slice(&tmp);
+            }
+        }
+    });
+    out
+}
+
+/// Rounding to a working dtype, as a type: kernels generic over it are
+/// compiled once per dtype, so the per-op rounding inlines and vectorises.
+pub trait Rounding: Copy + Send + Sync + 'static {
+    fn r(self, x: f32) -> f32;
+}
+
+#[derive(Clone, Copy)]
+pub struct Bf16Rounding;
+#[derive(Clone, Copy)]
+pub struct F16Rounding;
+#[derive(Clone, Copy)]
+pub struct ExactRounding;
+
+impl Rounding for Bf16Rounding {
+    #[inline(always)]
+    fn r(self, x: f32) -> f32 {
+        bf16_round(x)
+    }
+}
+impl Rounding for F16Rounding {
+    #[inline(always)]
+    fn r(self, x: f32) -> f32 {
+        f16::from_f32(x).to_f32()
+    }
+}
+impl Rounding for ExactRounding {
+    #[inline(always)]
+    fn r(self, x: f32) -> f32 {
+        x
+    }
+}
+
+/// Runs `$body` with `$r` bound to the [`Rounding`] of dtype `$dt`.
+#[macro_export]
+macro_rules! with_rounding {
+    ($dt:expr, |$r:ident| $body:expr) => {
+        match $dt {
+            $crate::dtype::DType::BF16 => {
+                let $r = $crate::dtype::Bf16Rounding;
+                $body
+            }
+            $crate::dtype::DType::F16 => {
+                let $r = $crate::dtype::F16Rounding;
+                $body
+            }
+            _ => {
+                let $r = $crate::dtype::ExactRounding;
+                $body
+            }
+        }
+    };
+}

@@ -103,9 +103,7 @@ pub fn compute_task(
         ));
     }
     let out = out.cast(task.out_dtype);
-    let mut bytes = Vec::new();
-    task.out_dtype.encode(&out.data, &mut bytes);
-    Ok(bytes)
+    Ok(crate::dtype::encode_par(task.out_dtype, &out.data))
 }
 
 /// Progress callback: (tensors done, tensors total, bytes written).

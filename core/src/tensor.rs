@@ -1,7 +1,7 @@
 //! An in-memory tensor as merge kernels see it: a shape, values held as f32,
 //! and the working dtype whose precision the values carry.
 
-use crate::dtype::DType;
+use crate::dtype::{DType, Rounding};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
@@ -30,8 +30,16 @@ impl Tensor {
     pub fn cast(mut self, dtype: DType) -> Tensor {
         if dtype != self.dtype {
             if dtype_narrows(self.dtype, dtype) {
-                for v in &mut self.data {
-                    *v = dtype.round(*v);
+                use rayon::prelude::*;
+                crate::with_rounding!(dtype, |r| self.data.par_chunks_mut(1 << 15).for_each(|c| {
+                    for v in c {
+                        *v = r.r(*v);
+                    }
+                }));
+                if !dtype.is_float() {
+                    for v in &mut self.data {
+                        *v = dtype.round(*v);
+                    }
                 }
             }
             self.dtype = dtype;

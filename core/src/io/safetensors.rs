@@ -255,8 +255,7 @@ impl ModelTensors {
     /// Reads one tensor, decoded to f32 values in its own dtype.
     pub fn read(&self, name: &str) -> Result<Tensor> {
         let (loc, buf) = self.read_raw(name)?;
-        let mut data = Vec::new();
-        loc.dtype.decode(&buf, &mut data);
+        let data = crate::dtype::decode_par(loc.dtype, &buf);
         Ok(Tensor::new(loc.shape, data, loc.dtype))
     }
 }

@@ -59,24 +59,41 @@ impl MergeMethod for Linear {
 
 /// `Σ r(w_i·x_i)` accumulated in f32 and rounded once; optionally divided by
 /// the (rounded) weight sum.
-pub fn weighted_sum(
-    xs: &[Tensor],
-    w: &[f32],
-    normalize: bool,
-    dt: DType,
-    shape: Vec<usize>,
-) -> Tensor {
-    let n = xs[0].numel();
-    let wsum = dt.round(w.iter().sum::<f32>());
-    let data = map_n(n, |i| {
-        let mut acc = 0.0f32;
-        for (x, wk) in xs.iter().zip(w) {
-            acc += dt.round(wk * x.data[i]);
-        }
-        let r = dt.round(acc);
-        if normalize { dt.round(r / wsum) } else { r }
-    });
+pub fn weighted_sum(xs: &[Tensor], w: &[f32], normalize: bool, dt: DType, shape: Vec<usize>) -> Tensor {
+    let data = crate::with_rounding!(dt, |r| weighted_sum_r(r, xs, w, normalize));
     Tensor::new(shape, data, dt)
+}
+
+fn weighted_sum_r<R: crate::dtype::Rounding>(r: R, xs: &[Tensor], w: &[f32], normalize: bool) -> Vec<f32> {
+    use rayon::prelude::*;
+    let n = xs[0].numel();
+    let wsum = r.r(w.iter().sum::<f32>());
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| {
+        let lo = b * BLOCK;
+        for (k, (x, wk)) in xs.iter().zip(w).enumerate() {
+            let src = &x.data[lo..lo + o.len()];
+            if k == 0 {
+                for (oi, xi) in o.iter_mut().zip(src) {
+                    *oi = r.r(wk * xi);
+                }
+            } else {
+                for (oi, xi) in o.iter_mut().zip(src) {
+                    *oi += r.r(wk * xi);
+                }
+            }
+        }
+        if normalize {
+            for oi in o.iter_mut() {
+                *oi = r.r(r.r(*oi) / wsum);
+            }
+        } else {
+            for oi in o.iter_mut() {
+                *oi = r.r(*oi);
+            }
+        }
+    });
+    out
 }
 
 #[cfg(test)]

@@ -407,11 +407,9 @@ pub fn fill(out: &mut [f32], f: impl Fn(usize) -> f32 + Sync) {
         });
 }
 
-/// A new vector of `f(i)` for `0..n`.
-pub fn map_n(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
-    let mut v = vec![0.0f32; n];
-    fill(&mut v, f);
-    v
+/// A new vector of `f(i)` for `0..n` (written in place, no zeroing pass).
+pub fn map_n(n: usize, f: impl Fn(usize) -> f32 + Sync + Send) -> Vec<f32> {
+    (0..n).into_par_iter().with_min_len(4096).map(f).collect()
 }
 
 /// L2 norm of a slice, as f32 (accumulated in f64).
