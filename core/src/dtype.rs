@@ -361,14 +361,20 @@ macro_rules! with_rounding {
     ($dt:expr, |$r:ident| $body:expr) => {
         match $dt {
             $crate::dtype::DType::BF16 => {
+                #[allow(unused_imports)]
+                use $crate::dtype::Rounding as _;
                 let $r = $crate::dtype::Bf16Rounding;
                 $body
             }
             $crate::dtype::DType::F16 => {
+                #[allow(unused_imports)]
+                use $crate::dtype::Rounding as _;
                 let $r = $crate::dtype::F16Rounding;
                 $body
             }
             _ => {
+                #[allow(unused_imports)]
+                use $crate::dtype::Rounding as _;
                 let $r = $crate::dtype::ExactRounding;
                 $body
             }

@@ -1,7 +1,7 @@
 //! An in-memory tensor as merge kernels see it: a shape, values held as f32,
 //! and the working dtype whose precision the values carry.
 
-use crate::dtype::{DType, Rounding};
+use crate::dtype::DType;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {

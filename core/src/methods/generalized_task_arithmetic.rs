@@ -175,7 +175,7 @@ impl MergeMethod for GeneralizedTaskArithmetic {
         })?;
         let dt = base.dtype;
         let r = |x: f32| dt.round(x);
-        let n = base.numel();
+
         if others.is_empty() {
             return Ok(base);
         }
@@ -194,7 +194,7 @@ impl MergeMethod for GeneralizedTaskArithmetic {
             } else {
                 x.clone()
             };
-            let d = map_n(n, |j| r(x.data[j] - base.data[j]));
+            let d = sub_rounded(dt, &x.data, &base.data);
             let stream = Stream::new(seed, name, &format!("{}:{k}", self.name));
             let d = match self.sparsify {
                 Sparsify::None => d,
@@ -217,53 +217,110 @@ impl MergeMethod for GeneralizedTaskArithmetic {
             deltas.push(d);
             weights.push(r(w as f32));
         }
-        let weighted: Vec<Vec<f32>> = deltas
-            .iter()
-            .zip(&weights)
-            .map(|(d, w)| map_n(n, |j| r(d[j] * w)))
-            .collect();
-        let wsum = r(weights.iter().sum::<f32>());
-        let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
         let consensus = self.consensus;
-        let lam = lambda as f32;
-        let out = map_n(n, |j| {
-            let (mixed, div) = match consensus {
-                Consensus::Sum => {
-                    let mut s = 0.0f32;
-                    for w in &weighted {
-                        s += w[j];
-                    }
-                    let majority = if r(s) >= 0.0 { 1.0 } else { -1.0 };
-                    let mut m = 0.0f32;
-                    let mut dv = 0.0f32;
-                    for (w, wk) in weighted.iter().zip(&weights) {
-                        if sign(w[j]) == majority {
-                            m += w[j];
-                            dv += wk;
-                        }
-                    }
-                    let dv = r(dv);
-                    (r(m), if dv == 0.0 { 1.0 } else { dv })
-                }
-                Consensus::None => {
-                    let mut m = 0.0f32;
-                    for w in &weighted {
-                        m += w[j];
-                    }
-                    (r(m), plain_div)
-                }
-            };
-            let mut mixed = mixed;
-            if normalize {
-                mixed = r(mixed / div);
-            }
-            if lambda != 1.0 {
-                mixed = r(mixed * lam);
-            }
-            r(base.data[j] + mixed)
-        });
+        let out = crate::with_rounding!(dt, |rr| combine(
+            rr, &base.data, &deltas, &weights, consensus, normalize, lambda
+        ));
         Ok(Tensor::new(base.shape.clone(), out, dt))
     }
+}
+
+/// `r(a − b)` elementwise.
+pub fn sub_rounded(dt: DType, a: &[f32], b: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    crate::with_rounding!(dt, |rr| a
+        .par_iter()
+        .zip(b.par_iter())
+        .with_min_len(4096)
+        .map(|(x, y)| rr.r(x - y))
+        .collect())
+}
+
+/// Weighted deltas, sign consensus, normalisation, lambda, base add — per
+/// block, each op rounded to the working dtype.
+fn combine<R: crate::dtype::Rounding>(
+    r: R,
+    base: &[f32],
+    deltas: &[Vec<f32>],
+    weights: &[f32],
+    consensus: Consensus,
+    normalize: bool,
+    lambda: f64,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let n = base.len();
+    let wsum = r.r(weights.iter().sum::<f32>());
+    let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
+    let lam = lambda as f32;
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| {
+        let lo = b * BLOCK;
+        let len = o.len();
+        let wd: Vec<Vec<f32>> = deltas
+            .iter()
+            .zip(weights)
+            .map(|(d, w)| d[lo..lo + len].iter().map(|x| r.r(x * w)).collect())
+            .collect();
+        match consensus {
+            Consensus::Sum => {
+                let mut sum = vec![0.0f32; len];
+                for w in &wd {
+                    for (s, x) in sum.iter_mut().zip(w) {
+                        *s += x;
+                    }
+                }
+                // majority sign (zero counts as positive); branch-free so
+                // the loops vectorise: x·maj > 0 ⇔ sign(x) == maj and x ≠ 0
+                let maj: Vec<f32> = sum
+                    .iter()
+                    .map(|s| if r.r(*s) >= 0.0 { 1.0 } else { -1.0 })
+                    .collect();
+                let mut div = vec![0.0f32; len];
+                o.fill(0.0);
+                for (w, wk) in wd.iter().zip(weights) {
+                    for i in 0..len {
+                        let x = w[i];
+                        let agree = x * maj[i] > 0.0;
+                        o[i] += if agree { x } else { 0.0 };
+                        div[i] += if agree { *wk } else { 0.0 };
+                    }
+                }
+                for (oi, dv) in o.iter_mut().zip(div.iter_mut()) {
+                    *oi = r.r(*oi);
+                    let d = r.r(*dv);
+                    *dv = if d == 0.0 { 1.0 } else { d };
+                }
+                if normalize {
+                    for (oi, dv) in o.iter_mut().zip(&div) {
+                        *oi = r.r(*oi / dv);
+                    }
+                }
+            }
+            Consensus::None => {
+                o.fill(0.0);
+                for w in &wd {
+                    for (oi, x) in o.iter_mut().zip(w) {
+                        *oi += x;
+                    }
+                }
+                for oi in o.iter_mut() {
+                    *oi = r.r(*oi);
+                    if normalize {
+                        *oi = r.r(*oi / plain_div);
+                    }
+                }
+            }
+        }
+        if lambda != 1.0 {
+            for oi in o.iter_mut() {
+                *oi = r.r(*oi * lam);
+            }
+        }
+        for (oi, bi) in o.iter_mut().zip(&base[lo..lo + len]) {
+            *oi = r.r(bi + *oi);
+        }
+    });
+    out
 }
 
 #[cfg(test)]

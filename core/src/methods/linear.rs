@@ -59,12 +59,23 @@ impl MergeMethod for Linear {
 
 /// `Σ r(w_i·x_i)` accumulated in f32 and rounded once; optionally divided by
 /// the (rounded) weight sum.
-pub fn weighted_sum(xs: &[Tensor], w: &[f32], normalize: bool, dt: DType, shape: Vec<usize>) -> Tensor {
+pub fn weighted_sum(
+    xs: &[Tensor],
+    w: &[f32],
+    normalize: bool,
+    dt: DType,
+    shape: Vec<usize>,
+) -> Tensor {
     let data = crate::with_rounding!(dt, |r| weighted_sum_r(r, xs, w, normalize));
     Tensor::new(shape, data, dt)
 }
 
-fn weighted_sum_r<R: crate::dtype::Rounding>(r: R, xs: &[Tensor], w: &[f32], normalize: bool) -> Vec<f32> {
+fn weighted_sum_r<R: crate::dtype::Rounding>(
+    r: R,
+    xs: &[Tensor],
+    w: &[f32],
+    normalize: bool,
+) -> Vec<f32> {
     use rayon::prelude::*;
     let n = xs[0].numel();
     let wsum = r.r(w.iter().sum::<f32>());

@@ -16,11 +16,16 @@ use crate::rng::Stream;
 /// either sum is below 1e-7).
 pub fn masked(
     delta: &[f32],
-    keep: impl Fn(usize) -> bool + Sync,
+    keep: impl Fn(usize) -> bool + Sync + Send,
     rescale: bool,
     dt: DType,
 ) -> Vec<f32> {
-    let m = map_n(delta.len(), |i| if keep(i) { delta[i] } else { 0.0 });
+    let m: Vec<f32> = delta
+        .par_iter()
+        .enumerate()
+        .with_min_len(4096)
+        .map(|(i, d)| if keep(i) { *d } else { 0.0 })
+        .collect();
     if !rescale {
         return m;
     }
@@ -30,7 +35,11 @@ pub fn masked(
         return m;
     }
     let ratio = dt.round(before / after);
-    map_n(m.len(), |i| dt.round(m[i] * ratio))
+    crate::with_rounding!(dt, |rr| m
+        .par_iter()
+        .with_min_len(4096)
+        .map(|x| rr.r(x * ratio))
+        .collect())
 }
 
 /// Order-preserving key of |x| (larger magnitude → larger key; NaN largest).
