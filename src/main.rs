@@ -22,6 +22,32 @@ struct Cli {
 enum Command {
     /// Merge models as described by a mergekit YAML configuration.
     Merge(MergeArgs),
+    /// Check a configuration from headers only and print the plan summary.
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// The merge configuration (mergekit YAML).
+    config: PathBuf,
+    /// Machine-readable report on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Treat warnings (unknown keys, ignored parameters, ...) as errors.
+    #[arg(long)]
+    strict: bool,
+    /// Allow mixing architectures.
+    #[arg(long)]
+    allow_crimes: bool,
+    /// Where the output would be written (for the free-disk check).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Maximum shard size in bytes; suffixes K, M, B.
+    #[arg(long, default_value = "5B")]
+    out_shard_size: String,
+    /// Hugging Face cache directory to resolve model ids in (offline).
+    #[arg(long)]
+    transformers_cache: Option<PathBuf>,
 }
 
 /// A mergekit boolean option: `--NAME` / `--no-NAME`, last one wins.
@@ -97,6 +123,9 @@ struct MergeArgs {
     /// Accepted for compatibility (smelt writes synchronously in parallel).
     #[arg(long)]
     write_threads: Option<usize>,
+    /// Treat warnings (unknown keys, ignored parameters, ...) as errors.
+    #[arg(long)]
+    strict: bool,
     /// More logging (-v info, -vv debug).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     verbosity: u8,
@@ -148,10 +177,8 @@ fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
             "--async-write/--write-threads: writes always overlap compute",
         ),
         (
-            a.transformers_cache.is_some()
-                || a.lora_merge_cache.is_some()
-                || a.lora_merge_dtype.is_some(),
-            "cache/LoRA options are accepted but not used yet",
+            a.lora_merge_cache.is_some() || a.lora_merge_dtype.is_some(),
+            "--lora-merge-cache/--lora-merge-dtype: smelt applies LoRA adapters as tensors are read (f32, rounded once); nothing is cached",
         ),
     ];
     for (on, note) in notes {
@@ -169,7 +196,9 @@ fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
     opts.plan.allow_crimes = f.allow_crimes;
     opts.plan.out_shard_size = parse_size(&a.out_shard_size).map_err(anyhow::Error::msg)?;
     opts.plan.random_seed = a.random_seed;
+    opts.plan.hf_cache = a.transformers_cache.clone();
     opts.overwrite = a.overwrite;
+    opts.strict = a.strict;
     opts.copy_tokenizer = !f.no_copy_tokenizer;
     opts.write_model_card = !f.no_write_model_card;
     if let Some(m) = &a.max_memory {
@@ -208,6 +237,84 @@ fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn human_size(b: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < units.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+/// `smelt check`: exit 0 when there are no errors, 1 otherwise.
+fn run_check(a: CheckArgs) -> anyhow::Result<ExitCode> {
+    let opts = smelt_core::check::CheckOptions {
+        plan: smelt_core::PlanOptions {
+            allow_crimes: a.allow_crimes,
+            out_shard_size: parse_size(&a.out_shard_size).map_err(anyhow::Error::msg)?,
+            random_seed: 0,
+            hf_cache: a.transformers_cache.clone(),
+        },
+        strict: a.strict,
+        out: a.out.clone(),
+        memory_budget: smelt_core::executor::DEFAULT_MEMORY_BUDGET,
+    };
+    let report = smelt_core::check::check(&a.config, &opts).report;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for p in &report.problems {
+            let sev = match p.severity {
+                smelt_core::check::Severity::Error => "error",
+                smelt_core::check::Severity::Warning => "warning",
+            };
+            let at = match (p.line, p.column) {
+                (Some(l), Some(c)) => format!(" (line {l}, column {c})"),
+                _ => String::new(),
+            };
+            println!("{sev}[{}]{at}: {}", p.code, p.message);
+        }
+        if let Some(s) = &report.plan {
+            println!(
+                "plan: {} {} merge of {} model(s) ({}): {} tensors, {} in {} shard(s); estimated peak memory {}; free disk at {}: {}",
+                s.method,
+                s.architecture.trim_end_matches(".json"),
+                s.models.len(),
+                s.models.join(", "),
+                s.output_tensors,
+                human_size(s.output_bytes),
+                s.shards,
+                human_size(s.estimated_peak_memory_bytes),
+                s.output_dir,
+                s.free_disk_bytes
+                    .map(human_size)
+                    .unwrap_or_else(|| "unknown".into())
+            );
+        }
+        let errors = report
+            .problems
+            .iter()
+            .filter(|p| p.severity == smelt_core::check::Severity::Error)
+            .count();
+        let warnings = report.problems.len() - errors;
+        println!(
+            "{}: {errors} error(s), {warnings} warning(s)",
+            if report.ok { "ok" } else { "failed" }
+        );
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn main() -> ExitCode {
     // Keep freed tensor buffers in the heap for reuse instead of returning
     // them to the kernel: saves a page fault + zeroing per page per tensor.
@@ -219,6 +326,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let verbosity = match &cli.command {
         Command::Merge(a) => a.verbosity,
+        Command::Check(_) => 0,
     };
     let level = match verbosity {
         0 => "warn",
@@ -232,10 +340,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .try_init();
     let result = match cli.command {
-        Command::Merge(a) => run_merge(a),
+        Command::Merge(a) => run_merge(a).map(|()| ExitCode::SUCCESS),
+        Command::Check(a) => run_check(a),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)

@@ -6,11 +6,13 @@
 //! CLI; it reads bytes through [`io::ByteSource`] and writes shard files.
 
 pub mod architecture;
+pub mod check;
 pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod executor;
 pub mod io;
+pub mod lora;
 pub mod methods;
 pub mod model;
 pub mod output;
@@ -40,6 +42,8 @@ pub struct MergeOptions {
     pub write_model_card: bool,
     /// Working-set budget for tensors in flight, bytes.
     pub memory_budget: u64,
+    /// Treat warnings (unknown keys, ignored parameters, ...) as errors.
+    pub strict: bool,
 }
 
 impl Default for MergeOptions {
@@ -50,6 +54,7 @@ impl Default for MergeOptions {
             copy_tokenizer: true,
             write_model_card: true,
             memory_budget: executor::DEFAULT_MEMORY_BUDGET,
+            strict: false,
         }
     }
 }
@@ -77,7 +82,7 @@ pub fn prepare(config_path: &Path, opts: &PlanOptions) -> Result<Prepared> {
     let models = config
         .referenced_models()
         .iter()
-        .map(|r| model::load_model(r, &dir))
+        .map(|r| model::load_model(r, &dir, opts.hf_cache.as_deref()))
         .collect::<Result<Vec<_>>>()?;
     let plan = plan_merge(&config, &models, opts)?;
     Ok(Prepared {
@@ -104,11 +109,37 @@ pub fn merge(
     opts: &MergeOptions,
     progress: executor::Progress,
 ) -> Result<MergePlan> {
-    let Prepared {
-        config,
-        models,
-        plan,
-    } = prepare(config_path, &opts.plan)?;
+    let checked = check::check(
+        config_path,
+        &check::CheckOptions {
+            plan: opts.plan.clone(),
+            strict: opts.strict,
+            out: Some(out.to_path_buf()),
+            memory_budget: opts.memory_budget,
+        },
+    );
+    let (config, models, mut plan, report) = match checked {
+        check::Checked {
+            report,
+            config: Some(config),
+            plan: Some(plan),
+            models,
+        } if report.ok => (config, models, plan, report),
+        check::Checked { report, .. } => {
+            let errors: Vec<&check::Problem> = report
+                .problems
+                .iter()
+                .filter(|p| p.severity == check::Severity::Error)
+                .collect();
+            return Err(match errors.as_slice() {
+                [one] => Error::Msg(one.message.clone()),
+                many => Error::Many(many.iter().map(|p| Error::Msg(p.message.clone())).collect()),
+            });
+        }
+    };
+    // every warning, as the check reported it (unknown keys, ignored
+    // parameters, skipped inputs, ...)
+    plan.warnings = report.problems.iter().map(|p| p.message.clone()).collect();
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -1,6 +1,13 @@
-//! Resolving model references to local directories and loading what the
-//! planner needs from them: config.json and safetensors headers (no tensor
-//! data).
+//! Resolving model references (spec §1.2, §5.1) to local directories and
+//! loading what the planner needs from them: config.json and tensor headers
+//! (no tensor data).
+//!
+//! A reference is a local directory (relative paths: the working directory
+//! first, as mergekit does, then the configuration file's folder), or a
+//! Hugging Face id `org/name[@revision]` resolved offline from the local HF
+//! cache (`--transformers-cache`, `HF_HUB_CACHE`, `HF_HOME/hub`,
+//! `~/.cache/huggingface/hub`). `model+adapter` applies a PEFT LoRA adapter
+//! to the model's tensors as they are read.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +18,7 @@ use crate::architecture::{self, Architecture};
 use crate::config::ModelRef;
 use crate::error::{Error, Result};
 use crate::io::ModelTensors;
+use crate::lora::LoraAdapter;
 
 /// A model opened for planning and reading.
 #[derive(Debug, Clone)]
@@ -22,38 +30,103 @@ pub struct LoadedModel {
     pub tensors: ModelTensors,
 }
 
-/// Finds a model's directory. A relative path is looked up in the working
-/// directory first (mergekit's rule), then next to the configuration file.
-pub fn resolve_dir(r: &ModelRef, config_dir: &Path) -> Result<PathBuf> {
-    if r.lora.is_some() {
-        return Err(Error::msg(format!(
-            "model {r}: LoRA references (model+adapter) are not supported yet"
-        )));
+/// Hugging Face cache directories to search, in order.
+pub fn hf_cache_dirs(explicit: Option<&Path>) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Some(p) = explicit {
+        v.push(p.to_path_buf());
     }
-    let p = Path::new(&r.path);
-    let candidates: Vec<PathBuf> = if p.is_absolute() {
+    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
+        v.push(PathBuf::from(p));
+    }
+    if let Ok(p) = std::env::var("HUGGINGFACE_HUB_CACHE") {
+        v.push(PathBuf::from(p));
+    }
+    if let Ok(p) = std::env::var("HF_HOME") {
+        v.push(PathBuf::from(p).join("hub"));
+    }
+    if let Ok(p) = std::env::var("XDG_CACHE_HOME") {
+        v.push(PathBuf::from(p).join("huggingface/hub"));
+    }
+    if let Ok(h) = std::env::var("HOME") {
+        v.push(PathBuf::from(h).join(".cache/huggingface/hub"));
+    }
+    v
+}
+
+/// Looks `org/name` at `revision` (branch, tag or commit; default `main`) up
+/// in one HF cache directory.
+pub fn resolve_hf(cache: &Path, repo: &str, revision: Option<&str>) -> Option<PathBuf> {
+    let d = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let rev = revision.unwrap_or("main");
+    let direct = d.join("snapshots").join(rev);
+    if direct.is_dir() {
+        return Some(direct);
+    }
+    let commit = std::fs::read_to_string(d.join("refs").join(rev)).ok()?;
+    let snap = d.join("snapshots").join(commit.trim());
+    snap.is_dir().then_some(snap)
+}
+
+/// Finds a directory for a path (+ revision).
+fn resolve_path(
+    path: &str,
+    revision: Option<&str>,
+    config_dir: &Path,
+    cache: Option<&Path>,
+    what: &str,
+) -> Result<PathBuf> {
+    let p = Path::new(path);
+    let mut tried: Vec<String> = Vec::new();
+    let local: Vec<PathBuf> = if p.is_absolute() {
         vec![p.to_path_buf()]
     } else {
         vec![p.to_path_buf(), config_dir.join(p)]
     };
-    for c in &candidates {
+    for c in &local {
         if c.is_dir() {
             return Ok(c.clone());
         }
+        tried.push(c.display().to_string());
+    }
+    let looks_like_repo =
+        !path.starts_with('/') && !path.starts_with('.') && path.matches('/').count() == 1;
+    if looks_like_repo {
+        for c in hf_cache_dirs(cache) {
+            if let Some(d) = resolve_hf(&c, path, revision) {
+                return Ok(d);
+            }
+            tried.push(format!("HF cache {}", c.display()));
+        }
     }
     Err(Error::msg(format!(
-        "model {r}: not found: no directory {} (Hugging Face Hub ids are not resolved yet; download the model and give its path)",
-        candidates
-            .iter()
-            .map(|c| c.display().to_string())
-            .collect::<Vec<_>>()
-            .join(" or ")
+        "{what} {path}{}: not found (looked in {}); smelt resolves Hugging Face ids offline: download the model first (e.g. huggingface-cli download {path})",
+        revision.map(|r| format!("@{r}")).unwrap_or_default(),
+        tried.join(", ")
     )))
 }
 
-/// Loads config.json and tensor headers of one model.
-pub fn load_model(r: &ModelRef, config_dir: &Path) -> Result<LoadedModel> {
-    let dir = resolve_dir(r, config_dir)?;
+/// Finds a model's directory.
+pub fn resolve_dir(r: &ModelRef, config_dir: &Path, cache: Option<&Path>) -> Result<PathBuf> {
+    resolve_path(
+        &r.path,
+        r.revision.as_deref(),
+        config_dir,
+        cache,
+        &format!("model {r}:"),
+    )
+    .map_err(|e| {
+        Error::msg(e.to_string().replacen(
+            &format!("model {r}: {}", r.path),
+            &format!("model {r}:"),
+            1,
+        ))
+    })
+}
+
+/// Loads config.json and tensor headers of one model (and its LoRA adapter).
+pub fn load_model(r: &ModelRef, config_dir: &Path, cache: Option<&Path>) -> Result<LoadedModel> {
+    let dir = resolve_dir(r, config_dir, cache)?;
     let cpath = dir.join("config.json");
     let text = std::fs::read_to_string(&cpath).map_err(|e| Error::io(&cpath, e))?;
     let mut config: Value = serde_json::from_str(&text)
@@ -66,7 +139,28 @@ pub fn load_model(r: &ModelRef, config_dir: &Path) -> Result<LoadedModel> {
     }
     let label = r.to_string();
     let arch = architecture::lookup(&config, &label)?;
-    let tensors = ModelTensors::open_dir(&dir, &label)?;
+    let mut tensors = ModelTensors::open_dir(&dir, &label)?;
+    if let Some(l) = &r.lora {
+        let ldir = resolve_path(
+            &l.path,
+            l.revision.as_deref(),
+            config_dir,
+            cache,
+            "LoRA adapter",
+        )?;
+        let adapter = LoraAdapter::open(&ldir)?;
+        for t in adapter.targets() {
+            let loc = tensors.tensors.get(&t).ok_or_else(|| {
+                Error::msg(format!(
+                    "LoRA adapter {} changes tensor {t}, which model {} does not have",
+                    ldir.display(),
+                    r.path
+                ))
+            })?;
+            adapter.check_shape(&t, &loc.shape)?;
+        }
+        tensors.lora = Some(Arc::new(adapter));
+    }
     Ok(LoadedModel {
         reference: r.clone(),
         dir,

@@ -23,6 +23,9 @@ pub struct PlanOptions {
     /// Shard size limit in bytes (≤ 0 disables sharding).
     pub out_shard_size: i64,
     pub random_seed: u64,
+    /// Hugging Face cache to resolve model ids in (besides the standard ones).
+    #[serde(default)]
+    pub hf_cache: Option<std::path::PathBuf>,
 }
 
 impl Default for PlanOptions {
@@ -31,6 +34,7 @@ impl Default for PlanOptions {
             allow_crimes: false,
             out_shard_size: 5_000_000_000,
             random_seed: 0,
+            hf_cache: None,
         }
     }
 }
@@ -418,6 +422,7 @@ pub fn plan_merge(
         permutation: tokenizer.as_ref().map(|t| &t.permutation),
         tasks: Vec::new(),
         warnings: Vec::new(),
+        errors: Vec::new(),
     };
     // pre-layer weights from the first slice, post-layer from the last, t = 0;
     // input names are instantiated with each source model's own layer count
@@ -450,7 +455,7 @@ pub fn plan_merge(
                     .zip(&per_src)
                     .map(|(src, ws)| (src.0, ws[wi].clone()))
                     .collect();
-                planner.plan_tensor(w, s, &ins, t)?;
+                planner.try_plan(w, s, &ins, t);
             }
             out_layer += 1;
         }
@@ -464,6 +469,9 @@ pub fn plan_merge(
         &nlayers,
     )?;
     warnings.extend(planner.warnings);
+    if !planner.errors.is_empty() {
+        return Err(Error::Many(planner.errors));
+    }
     let tasks = planner.tasks;
     if tasks.is_empty() {
         return Err(Error::msg("the merge produces no tensors"));
@@ -568,7 +576,7 @@ fn plan_edge(
             .zip(&per_src)
             .map(|(s, ws)| (s.0, ws[wi].clone()))
             .collect();
-        planner.plan_tensor(w, slice, &ins, 0.0)?;
+        planner.try_plan(w, slice, &ins, 0.0);
     }
     Ok(())
 }
@@ -593,9 +601,27 @@ struct TensorPlanner<'a> {
     permutation: Option<&'a crate::tokenizer::EmbedPermutation>,
     tasks: Vec<TensorTask>,
     warnings: Vec<String>,
+    /// Every tensor's planning error: all are reported, not just the first.
+    errors: Vec<Error>,
 }
 
 impl TensorPlanner<'_> {
+    /// Plans one tensor, recording (not returning) its error.
+    fn try_plan(
+        &mut self,
+        out: &WeightInfo,
+        slice: &PlanSlice,
+        ins: &[(usize, WeightInfo)],
+        t: f64,
+    ) {
+        if let Err(e) = self.plan_tensor(out, slice, ins, t) {
+            let msg = e.to_string();
+            if !self.errors.iter().any(|x| x.to_string() == msg) {
+                self.errors.push(e);
+            }
+        }
+    }
+
     /// Plans one output tensor `out` from `(model, input weight)` pairs.
     fn plan_tensor(
         &mut self,

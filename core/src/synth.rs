@@ -115,6 +115,23 @@ pub fn write_llama(
     variant: u64,
     delta: f32,
 ) -> Result<()> {
+    write_llama_impl(dir, spec, seed, variant, delta, true)
+}
+
+/// Like [`write_llama`] but writes only headers: shard files get their full
+/// length as sparse files (no data blocks), for planning tests at 70B scale.
+pub fn write_llama_sparse(dir: &Path, spec: &LlamaSpec) -> Result<()> {
+    write_llama_impl(dir, spec, 0, 0, 0.0, false)
+}
+
+fn write_llama_impl(
+    dir: &Path,
+    spec: &LlamaSpec,
+    seed: u64,
+    variant: u64,
+    delta: f32,
+    data: bool,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tensors = spec.tensors();
     // group into shards
@@ -161,13 +178,13 @@ pub fn write_llama(
     for (k, g) in shards.iter().enumerate() {
         for (slot, (n, s)) in g.iter().enumerate() {
             let numel: usize = s.iter().product();
-            let vals = crate::methods::map_n(numel, |i| {
-                spec.dtype.round(weight_value(seed, n, i, variant, delta))
-            });
-            let mut bytes = Vec::new();
-            spec.dtype.encode(&vals, &mut bytes);
-            total += bytes.len() as u64;
-            w.write(k, slot, &bytes)?;
+            total += (numel * spec.dtype.size()) as u64;
+            if data {
+                let vals = crate::methods::map_n(numel, |i| {
+                    spec.dtype.round(weight_value(seed, n, i, variant, delta))
+                });
+                w.write(k, slot, &crate::dtype::encode_par(spec.dtype, &vals))?;
+            }
             weight_map.insert(n.clone(), json!(names[k]));
         }
     }

@@ -1,6 +1,7 @@
 //! Tensor I/O: byte sources (local files now; object stores plug in behind
 //! the same trait), safetensors headers and readers, and the shard writer.
 
+pub mod pickle;
 pub mod safetensors;
 pub mod source;
 pub mod writer;

@@ -144,6 +144,8 @@ pub fn read_header(src: &dyn ByteSource, shard_idx: usize) -> Result<BTreeMap<St
     Ok(out)
 }
 
+type HeaderReader = fn(&dyn ByteSource, usize) -> Result<BTreeMap<String, TensorLoc>>;
+
 /// Every tensor of one model, across its shards.
 #[derive(Debug, Clone)]
 pub struct ModelTensors {
@@ -151,90 +153,105 @@ pub struct ModelTensors {
     pub label: String,
     pub shards: Vec<Arc<dyn ByteSource>>,
     pub tensors: BTreeMap<String, TensorLoc>,
+    /// A LoRA adapter applied to tensors as they are read.
+    pub lora: Option<Arc<crate::lora::LoraAdapter>>,
 }
 
 impl ModelTensors {
     /// Opens a model directory: `model.safetensors` or
     /// `model.safetensors.index.json` (spec §5.2).
     pub fn open_dir(dir: &Path, label: &str) -> Result<ModelTensors> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(index.display(), format!("not valid JSON: {e}")))?;
-            let wm = v
-                .get("weight_map")
-                .and_then(|w| w.as_object())
-                .ok_or_else(|| Error::format(index.display(), "no `weight_map` object"))?;
-            let mut files: BTreeSet<String> = BTreeSet::new();
-            let mut map: BTreeMap<String, String> = BTreeMap::new();
-            for (t, f) in wm {
-                let f = f.as_str().ok_or_else(|| {
-                    Error::format(
-                        index.display(),
-                        format!("weight_map[{t}] is not a file name"),
-                    )
-                })?;
-                if f.contains('/') || f.contains("..") {
-                    return Err(Error::format(
-                        index.display(),
-                        format!("weight_map[{t}] = {f:?} is not a plain file name"),
-                    ));
-                }
-                files.insert(f.to_string());
-                map.insert(t.clone(), f.to_string());
+        // mergekit's probe order: safetensors (single or indexed), then .bin
+        for (single, reader) in [
+            ("model.safetensors", read_header as HeaderReader),
+            (
+                "pytorch_model.bin",
+                crate::io::pickle::read_bin_index as HeaderReader,
+            ),
+        ] {
+            let index = dir.join(format!("{single}.index.json"));
+            if index.exists() {
+                return Self::open_indexed(dir, &index, label, reader);
             }
-            let mut shards: Vec<Arc<dyn ByteSource>> = Vec::new();
-            let mut headers: BTreeMap<String, BTreeMap<String, TensorLoc>> = BTreeMap::new();
-            for f in &files {
-                let p = dir.join(f);
-                if !p.exists() {
-                    return Err(Error::format(
-                        index.display(),
-                        format!("names shard {f}, which does not exist in {}", dir.display()),
-                    ));
-                }
-                let src: Arc<dyn ByteSource> = Arc::new(LocalFile::open(&p)?);
-                headers.insert(f.clone(), read_header(src.as_ref(), shards.len())?);
-                shards.push(src);
+            let path = dir.join(single);
+            if path.exists() {
+                let src: Arc<dyn ByteSource> = Arc::new(LocalFile::open(&path)?);
+                let tensors = reader(src.as_ref(), 0)?;
+                return Ok(ModelTensors {
+                    label: label.to_string(),
+                    shards: vec![src],
+                    tensors,
+                    lora: None,
+                });
             }
-            let mut tensors = BTreeMap::new();
-            for (t, f) in map {
-                let loc = headers[&f].get(&t).ok_or_else(|| {
-                    Error::format(
-                        index.display(),
-                        format!("lists tensor {t} in shard {f}, but {f} does not contain it"),
-                    )
-                })?;
-                tensors.insert(t, loc.clone());
-            }
-            Ok(ModelTensors {
-                label: label.to_string(),
-                shards,
-                tensors,
-            })
-        } else if single.exists() {
-            let src: Arc<dyn ByteSource> = Arc::new(LocalFile::open(&single)?);
-            let tensors = read_header(src.as_ref(), 0)?;
-            Ok(ModelTensors {
-                label: label.to_string(),
-                shards: vec![src],
-                tensors,
-            })
-        } else if dir.join("pytorch_model.bin").exists()
-            || dir.join("pytorch_model.bin.index.json").exists()
-        {
-            Err(Error::format(
-                dir.display(),
-                "PyTorch .bin checkpoints are not supported yet; convert to safetensors",
-            ))
-        } else {
-            Err(Error::format(
-                dir.display(),
-                "no model files: expected model.safetensors or model.safetensors.index.json",
-            ))
         }
+        Err(Error::format(
+            dir.display(),
+            "no model files: expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json",
+        ))
+    }
+
+    fn open_indexed(
+        dir: &Path,
+        index: &Path,
+        label: &str,
+        reader: HeaderReader,
+    ) -> Result<ModelTensors> {
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(index.display(), format!("not valid JSON: {e}")))?;
+        let wm = v
+            .get("weight_map")
+            .and_then(|w| w.as_object())
+            .ok_or_else(|| Error::format(index.display(), "no `weight_map` object"))?;
+        let mut files: BTreeSet<String> = BTreeSet::new();
+        let mut map: BTreeMap<String, String> = BTreeMap::new();
+        for (t, f) in wm {
+            let f = f.as_str().ok_or_else(|| {
+                Error::format(
+                    index.display(),
+                    format!("weight_map[{t}] is not a file name"),
+                )
+            })?;
+            if f.contains('/') || f.contains("..") {
+                return Err(Error::format(
+                    index.display(),
+                    format!("weight_map[{t}] = {f:?} is not a plain file name"),
+                ));
+            }
+            files.insert(f.to_string());
+            map.insert(t.clone(), f.to_string());
+        }
+        let mut shards: Vec<Arc<dyn ByteSource>> = Vec::new();
+        let mut headers: BTreeMap<String, BTreeMap<String, TensorLoc>> = BTreeMap::new();
+        for f in &files {
+            let p = dir.join(f);
+            if !p.exists() {
+                return Err(Error::format(
+                    index.display(),
+                    format!("names shard {f}, which does not exist in {}", dir.display()),
+                ));
+            }
+            let src: Arc<dyn ByteSource> = Arc::new(LocalFile::open(&p)?);
+            headers.insert(f.clone(), reader(src.as_ref(), shards.len())?);
+            shards.push(src);
+        }
+        let mut tensors = BTreeMap::new();
+        for (t, f) in map {
+            let loc = headers[&f].get(&t).ok_or_else(|| {
+                Error::format(
+                    index.display(),
+                    format!("lists tensor {t} in shard {f}, but {f} does not contain it"),
+                )
+            })?;
+            tensors.insert(t, loc.clone());
+        }
+        Ok(ModelTensors {
+            label: label.to_string(),
+            shards,
+            tensors,
+            lora: None,
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -256,6 +273,10 @@ impl ModelTensors {
     pub fn read(&self, name: &str) -> Result<Tensor> {
         let (loc, buf) = self.read_raw(name)?;
         let data = crate::dtype::decode_par(loc.dtype, &buf);
-        Ok(Tensor::new(loc.shape, data, loc.dtype))
+        let t = Tensor::new(loc.shape, data, loc.dtype);
+        match &self.lora {
+            Some(l) => l.apply(name, t),
+            None => Ok(t),
+        }
     }
 }
