@@ -555,3 +555,104 @@ fn mixtral_per_expert_checkpoints_are_fused() {
     let at = 2 * i * h + i * h + 3; // expert 1 block (2·i·h), after its gate rows (i·h), element 3
     assert_eq!(gu.data[at], up1.data[3] + 1.0);
 }
+
+#[test]
+fn killed_merge_leaves_nothing_finished_and_a_rerun_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = family(&tmp.path().join("fam"), &spec_sharded(), 1);
+    let cfg = tmp.path().join("lin.yml");
+    write(
+        &cfg,
+        &yaml_models(
+            "linear",
+            &[(&ms[0], "{weight: 1}"), (&ms[1], "{weight: 1}")],
+            None,
+            "",
+        ),
+    );
+    let out = tmp.path().join("out");
+    // the chaos switch stalls the merge after 5 tensors; then kill -9
+    let mut child = smelt()
+        .current_dir(tmp.path())
+        .env("SMELT_CHAOS_STALL_AFTER", "5")
+        .args(["merge", "lin.yml", "out", "--quiet", "--threads", "1"])
+        .spawn()
+        .unwrap();
+    let tmp_dir = tmp.path().join(format!(".out.smelt-tmp-{}", child.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !tmp_dir.join("model.safetensors").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "merge never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !out.exists(),
+        "a killed merge must not leave a finished-looking output"
+    );
+    assert!(
+        tmp_dir.exists(),
+        "the partial output stays in the temporary directory"
+    );
+    // a rerun succeeds and removes the stale temporary
+    assert_ok(&merge(tmp.path(), &cfg, &out, &[]));
+    assert!(!tmp_dir.exists(), "stale temporary cleaned up");
+    assert!(out.join("model.safetensors").exists() && out.join("config.json").exists());
+}
+
+#[test]
+fn vocabulary_size_differences_warn_and_truncate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    smelt_core::synth::write_llama(
+        &a,
+        &LlamaSpec {
+            vocab: 64,
+            ..LlamaSpec::tiny()
+        },
+        1,
+        1,
+        0.1,
+    )
+    .unwrap();
+    smelt_core::synth::write_llama(
+        &b,
+        &LlamaSpec {
+            vocab: 72,
+            ..LlamaSpec::tiny()
+        },
+        1,
+        2,
+        0.1,
+    )
+    .unwrap();
+    let cfg = tmp.path().join("c.yml");
+    write(
+        &cfg,
+        &yaml_models(
+            "linear",
+            &[(&a, "{weight: 1}"), (&b, "{weight: 1}")],
+            None,
+            "",
+        ),
+    );
+    let o = merge(tmp.path(), &cfg, &tmp.path().join("out"), &[]);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("embedding sizes differ"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        read_values(&tmp.path().join("out"))["model.embed_tokens.weight"].shape,
+        vec![64, 32]
+    );
+    // --strict refuses the same merge
+    let o = merge(tmp.path(), &cfg, &tmp.path().join("out2"), &["--strict"]);
+    assert_eq!(o.status.code(), Some(1));
+}

@@ -118,6 +118,11 @@ pub fn run_tasks(
     memory_budget: u64,
     progress: Progress,
 ) -> Result<()> {
+    // Chaos switch for robustness tests: stall forever after N tensors, so a
+    // test can kill the process mid-write deterministically.
+    let stall_after: Option<usize> = std::env::var("SMELT_CHAOS_STALL_AFTER")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let done = std::sync::atomic::AtomicUsize::new(0);
     let bytes = std::sync::atomic::AtomicU64::new(0);
     let total = which.len();
@@ -143,6 +148,11 @@ pub fn run_tasks(
                 let b = bytes.fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed)
                     + out.len() as u64;
                 progress(d, total, b);
+                if stall_after == Some(d) {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                    }
+                }
                 Ok(())
             })?;
         start = end;

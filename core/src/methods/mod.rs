@@ -340,7 +340,19 @@ pub fn rectified_shape(cx: &ShapeCtx) -> Result<ShapePlan> {
     if cx.is_embed && cx.shapes.iter().all(|s| s.len() == 2) {
         let r = cx.shapes.iter().map(|s| s[0]).min().unwrap_or(0);
         let c = cx.shapes.iter().map(|s| s[1]).min().unwrap_or(0);
-        return Ok(ShapePlan::all(vec![r, c], n));
+        let mut warnings = Vec::new();
+        if cx.shapes.iter().any(|s| s[0] != r || s[1] != c) {
+            warnings.push(format!(
+                "{}: embedding sizes differ ({}); merging the common {r}×{c} sub-matrix, as mergekit does",
+                cx.name,
+                cx.shapes.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        return Ok(ShapePlan::Output {
+            shape: vec![r, c],
+            keep: vec![true; n],
+            warnings,
+        });
     }
     equal_shape(cx)
 }
