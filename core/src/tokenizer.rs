@@ -254,11 +254,27 @@ pub fn build(
         }
     }
     if tcfg.source == TokenizerSource::Union {
+        // mergekit's order: every model's plain tokens first (base first,
+        // then the others; within a model by id), then every added token
         let mut order: Vec<usize> = vec![base];
         order.extend((0..models.len()).filter(|m| *m != base));
-        for m in order {
+        let mut added_all: Vec<&Value> = Vec::new();
+        let mut added_seen: HashSet<&str> = HashSet::new();
+        for &m in &order {
             let Some(v) = &vocabs[m] else { continue };
-            let added_names: HashSet<&str> = v
+            for t in &v.added {
+                let id = t.get("id").and_then(|i| i.as_u64()).unwrap_or(u64::MAX);
+                if let Some(c) = t.get("content").and_then(|c| c.as_str())
+                    && (id as usize) < v.vocab_size
+                    && added_seen.insert(c)
+                {
+                    added_all.push(t);
+                }
+            }
+        }
+        for &m in &order {
+            let Some(v) = &vocabs[m] else { continue };
+            let own_added: HashSet<&str> = v
                 .added
                 .iter()
                 .filter_map(|t| t.get("content").and_then(|c| c.as_str()))
@@ -267,20 +283,19 @@ pub fn build(
                 .ids
                 .iter()
                 .filter(|(t, id)| {
-                    (**id as usize) < v.vocab_size && !added_names.contains(t.as_str())
+                    (**id as usize) < v.vocab_size
+                        && !own_added.contains(t.as_str())
+                        && !added_seen.contains(t.as_str())
                 })
                 .collect();
             plain.sort_by_key(|(_, id)| **id);
             for (t, _) in plain {
                 add_token(&mut out_json, &mut ids, t, None);
             }
-            for t in &v.added {
-                let id = t.get("id").and_then(|i| i.as_u64()).unwrap_or(u64::MAX);
-                if let Some(c) = t.get("content").and_then(|c| c.as_str())
-                    && (id as usize) < v.vocab_size
-                {
-                    add_token(&mut out_json, &mut ids, c, Some(t));
-                }
+        }
+        for t in added_all {
+            if let Some(c) = t.get("content").and_then(|c| c.as_str()) {
+                add_token(&mut out_json, &mut ids, c, Some(t));
             }
         }
     }
