@@ -2,6 +2,8 @@
 //! logging and threads, calls one library function per subcommand, maps
 //! errors to exit codes (0 ok, 1 failure, 2 usage).
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -24,6 +26,8 @@ enum Command {
     Merge(MergeArgs),
     /// Check a configuration from headers only and print the plan summary.
     Check(CheckArgs),
+    /// Benchmark merges on a synthetic Llama family against the I/O floor.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -326,7 +330,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let verbosity = match &cli.command {
         Command::Merge(a) => a.verbosity,
-        Command::Check(_) => 0,
+        Command::Check(_) | Command::Bench(_) => 0,
     };
     let level = match verbosity {
         0 => "warn",
@@ -342,6 +346,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Merge(a) => run_merge(a).map(|()| ExitCode::SUCCESS),
         Command::Check(a) => run_check(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => code,

@@ -656,3 +656,70 @@ fn vocabulary_size_differences_warn_and_truncate() {
     let o = merge(tmp.path(), &cfg, &tmp.path().join("out2"), &["--strict"]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn row_blocks_under_a_small_memory_cap_give_identical_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = family(&tmp.path().join("fam"), &spec_sharded(), 2);
+    let w = "{weight: 0.7}";
+    let cases = [
+        (
+            "linear",
+            yaml_models(
+                "linear",
+                &[(&ms[1], w), (&ms[2], "{weight: 0.3}")],
+                None,
+                "",
+            ),
+        ),
+        (
+            "ta",
+            yaml_models(
+                "task_arithmetic",
+                &[(&ms[1], w), (&ms[2], w)],
+                Some(&ms[0]),
+                "parameters: {lambda: 0.9}\n",
+            ),
+        ),
+        (
+            "ties_dense",
+            yaml_models("ties", &[(&ms[1], w), (&ms[2], w)], Some(&ms[0]), ""),
+        ),
+        (
+            "nuslerp_rows",
+            yaml_models(
+                "nuslerp",
+                &[(&ms[1], w), (&ms[2], "{weight: 0.4}")],
+                Some(&ms[0]),
+                "parameters: {nuslerp_flatten: false}\n",
+            ),
+        ),
+        (
+            "nearswap",
+            yaml_models(
+                "nearswap",
+                &[(&ms[1], "")],
+                Some(&ms[0]),
+                "parameters: {t: 0.001}\n",
+            ),
+        ),
+        (
+            "ram",
+            yaml_models("ram", &[(&ms[1], ""), (&ms[2], "")], Some(&ms[0]), ""),
+        ),
+    ];
+    for (name, yaml) in cases {
+        let cfg = tmp.path().join(format!("{name}.yml"));
+        write(&cfg, &yaml);
+        let whole = tmp.path().join(format!("{name}-whole"));
+        let blocks = tmp.path().join(format!("{name}-blocks"));
+        assert_ok(&merge(tmp.path(), &cfg, &whole, &[]));
+        // 64 KB: every large tensor (embeddings, MLP) is merged in row blocks
+        assert_ok(&merge(tmp.path(), &cfg, &blocks, &["--max-memory", "64K"]));
+        assert!(
+            std::fs::read(whole.join("model.safetensors")).unwrap()
+                == std::fs::read(blocks.join("model.safetensors")).unwrap(),
+            "{name}: row blocks changed the output"
+        );
+    }
+}

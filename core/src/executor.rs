@@ -57,11 +57,53 @@ pub fn compute_task(
     task: &TensorTask,
     models: &[ModelTensors],
 ) -> Result<Vec<u8>> {
+    compute_rows(plan, task, models, None)
+}
+
+/// Whether `task` may be computed in row blocks: the method is row-separable
+/// for these parameters and every input is a plain tensor of the output's
+/// shape (no permutation, expert fusion, truncation or LoRA).
+pub fn splittable(plan: &MergePlan, task: &TensorTask, models: &[ModelTensors]) -> bool {
+    let Some(method) = methods::get(&plan.method) else {
+        return false;
+    };
+    task.shape.len() >= 2
+        && !task.permute
+        && method.row_separable(&task.global, &task.per_model)
+        && task.inputs.iter().all(|i| {
+            i.shape == task.shape
+                && matches!(i.source, InputSource::Tensor(_))
+                && models[i.model].lora.is_none()
+        })
+}
+
+/// Computes rows `rows` of one output tensor (all of it for `None`).
+pub fn compute_rows(
+    plan: &MergePlan,
+    task: &TensorTask,
+    models: &[ModelTensors],
+    rows: Option<(usize, usize)>,
+) -> Result<Vec<u8>> {
     let method = methods::get(&plan.method)
         .ok_or_else(|| Error::msg(format!("unknown method {}", plan.method)))?;
-    let mut tensors = (0..task.inputs.len())
-        .map(|i| load_input(task, i, models))
-        .collect::<Result<Vec<_>>>()?;
+    let mut tensors = match rows {
+        None => (0..task.inputs.len())
+            .map(|i| load_input(task, i, models))
+            .collect::<Result<Vec<_>>>()?,
+        Some((r0, r1)) => task
+            .inputs
+            .iter()
+            .map(|inp| match &inp.source {
+                InputSource::Tensor(n) => Ok(models[inp.model]
+                    .read_rows(n, r0, r1)?
+                    .cast(task.working_dtype)),
+                InputSource::StackExperts(_) => Err(Error::tensor(
+                    &task.name,
+                    "internal: row blocks of fused experts",
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
     if task.permute {
         let p = &plan
             .tokenizer
@@ -93,12 +135,20 @@ pub fn compute_task(
         seed: plan.seed,
     };
     let out = method.merge(job)?;
-    if out.shape != task.shape {
+    let want_shape = match rows {
+        None => task.shape.clone(),
+        Some((r0, r1)) => {
+            let mut s = task.shape.clone();
+            s[0] = r1 - r0;
+            s
+        }
+    };
+    if out.shape != want_shape {
         return Err(Error::tensor(
             &task.name,
             format!(
                 "merge produced shape {:?}, planned {:?}",
-                out.shape, task.shape
+                out.shape, want_shape
             ),
         ));
     }
@@ -126,31 +176,69 @@ pub fn run_tasks(
     let done = std::sync::atomic::AtomicUsize::new(0);
     let bytes = std::sync::atomic::AtomicU64::new(0);
     let total = which.len();
+    // Work units: whole tensors, or row blocks of tensors too large for the
+    // budget (when the method allows it). A tensor counts as done when its
+    // last block is written.
+    let threads = rayon::current_num_threads().max(1) as u64;
+    let per_unit = (memory_budget / threads).max(1);
+    let mut units: Vec<(usize, Option<(usize, usize)>, u64)> = Vec::new();
+    let mut blocks_left: std::collections::HashMap<usize, std::sync::atomic::AtomicUsize> =
+        Default::default();
+    for &i in which {
+        let t = &plan.tensors[i];
+        let wb = t.working_bytes();
+        if wb > per_unit && splittable(plan, t, models) {
+            let rows = t.shape[0];
+            let row_bytes = (wb / rows as u64).max(1);
+            let step = ((per_unit / row_bytes) as usize).clamp(1, rows);
+            let n = rows.div_ceil(step);
+            blocks_left.insert(i, std::sync::atomic::AtomicUsize::new(n));
+            for b in 0..n {
+                let r0 = b * step;
+                let r1 = (r0 + step).min(rows);
+                units.push((i, Some((r0, r1)), row_bytes * (r1 - r0) as u64));
+            }
+        } else {
+            units.push((i, None, wb));
+        }
+    }
     let mut start = 0;
-    while start < which.len() {
+    while start < units.len() {
         let mut end = start;
         let mut budget = 0u64;
-        while end < which.len() {
-            let b = plan.tensors[which[end]].working_bytes();
+        while end < units.len() {
+            let b = units[end].2;
             if end > start && budget + b > memory_budget {
                 break;
             }
             budget += b;
             end += 1;
         }
-        which[start..end]
+        units[start..end]
             .par_iter()
-            .try_for_each(|&i| -> Result<()> {
+            .try_for_each(|&(i, rows, _)| -> Result<()> {
                 let task = &plan.tensors[i];
-                let out = compute_task(plan, task, models)?;
-                writer.write(task.shard, task.slot, &out)?;
-                let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let out = compute_rows(plan, task, models, rows)?;
+                match rows {
+                    None => writer.write(task.shard, task.slot, &out)?,
+                    Some((r0, _)) => {
+                        let row_bytes = task.out_bytes() / task.shape[0] as u64;
+                        writer.write_part(task.shard, task.slot, r0 as u64 * row_bytes, &out)?
+                    }
+                }
                 let b = bytes.fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed)
                     + out.len() as u64;
-                progress(d, total, b);
-                if stall_after == Some(d) {
-                    loop {
-                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                let finished = match blocks_left.get(&i) {
+                    Some(left) => left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1,
+                    None => true,
+                };
+                if finished {
+                    let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    progress(d, total, b);
+                    if stall_after == Some(d) {
+                        loop {
+                            std::thread::sleep(std::time::Duration::from_secs(3600));
+                        }
                     }
                 }
                 Ok(())

@@ -269,6 +269,32 @@ impl ModelTensors {
         Ok((loc.clone(), buf))
     }
 
+    /// Reads rows `r0..r1` (along axis 0) of a tensor, decoded to f32; the
+    /// LoRA adapter, if any, is not applied (callers do not split those).
+    pub fn read_rows(&self, name: &str, r0: usize, r1: usize) -> Result<Tensor> {
+        let loc = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::tensor(name, format!("not present in model {}", self.label)))?;
+        let rows = loc.shape.first().copied().unwrap_or(1);
+        if r0 > r1 || r1 > rows {
+            return Err(Error::tensor(
+                name,
+                format!("row range {r0}..{r1} outside {rows} rows"),
+            ));
+        }
+        let row_bytes = loc.nbytes / rows.max(1) as u64;
+        let mut buf = vec![0u8; ((r1 - r0) as u64 * row_bytes) as usize];
+        self.shards[loc.shard].read_at(loc.offset + r0 as u64 * row_bytes, &mut buf)?;
+        let mut shape = loc.shape.clone();
+        shape[0] = r1 - r0;
+        Ok(Tensor::new(
+            shape,
+            crate::dtype::decode_par(loc.dtype, &buf),
+            loc.dtype,
+        ))
+    }
+
     /// Reads one tensor, decoded to f32 values in its own dtype.
     pub fn read(&self, name: &str) -> Result<Tensor> {
         let (loc, buf) = self.read_raw(name)?;

@@ -93,6 +93,25 @@ impl ShardWriter {
             .map_err(|e| Error::io(path, e))
     }
 
+    /// Writes part of a tensor's bytes, `byte_offset` bytes into its slot.
+    pub fn write_part(
+        &self,
+        shard: usize,
+        slot: usize,
+        byte_offset: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let (path, f, offsets, slots) = &self.files[shard];
+        if byte_offset + bytes.len() as u64 > slots[slot].nbytes() {
+            return Err(Error::tensor(
+                &slots[slot].name,
+                "internal: partial write past the end of its slot",
+            ));
+        }
+        f.write_all_at(bytes, offsets[slot] + byte_offset)
+            .map_err(|e| Error::io(path, e))
+    }
+
     /// Flushes every shard to stable storage.
     pub fn finish(self) -> Result<()> {
         for (path, f, _, _) in self.files {

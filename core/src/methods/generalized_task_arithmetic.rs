@@ -123,6 +123,13 @@ impl MergeMethod for GeneralizedTaskArithmetic {
     fn base_use(&self) -> BaseUse {
         BaseUse::Required
     }
+    fn row_separable(&self, _global: &ParamValues, per_model: &[ParamValues]) -> bool {
+        // sparsification looks at the whole tensor, unless it is a no-op
+        self.sparsify == Sparsify::None
+            || per_model
+                .iter()
+                .all(|p| p.get("density").is_none_or(|d| *d >= 1.0))
+    }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         task_vector_shapes(cx)
     }

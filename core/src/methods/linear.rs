@@ -23,6 +23,9 @@ impl MergeMethod for Linear {
     fn base_use(&self) -> BaseUse {
         BaseUse::Unused
     }
+    fn row_separable(&self, _global: &ParamValues, _per_model: &[ParamValues]) -> bool {
+        true
+    }
     fn merge(&self, mut job: MergeJob) -> Result<Tensor> {
         let dt = job.dtype();
         let shape = rectified_shape(&ShapeCtx {

@@ -184,6 +184,12 @@ pub trait MergeMethod: Send + Sync {
     fn validate(&self, cx: &ValidateCtx) -> std::result::Result<Vec<String>, String> {
         validate_common(cx)
     }
+    /// Whether rows (axis 0) of the output depend only on the same rows of
+    /// the inputs, so a large tensor can be merged in row blocks with
+    /// identical results.
+    fn row_separable(&self, _global: &ParamValues, _per_model: &[ParamValues]) -> bool {
+        false
+    }
     /// The dtype of the merged tensor when no `out_dtype` is configured
     /// (mergekit returns f32 from a few methods whatever the inputs).
     fn output_dtype(&self, working: DType) -> DType {

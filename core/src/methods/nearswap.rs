@@ -22,6 +22,9 @@ impl MergeMethod for NearSwap {
     fn base_use(&self) -> BaseUse {
         BaseUse::Required
     }
+    fn row_separable(&self, _global: &ParamValues, _per_model: &[ParamValues]) -> bool {
+        true
+    }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         base_present(cx)?;
         if cx.shapes.len() > 2 {

@@ -86,6 +86,11 @@ impl MergeMethod for NuSlerp {
     fn base_use(&self) -> BaseUse {
         BaseUse::Optional
     }
+    fn row_separable(&self, global: &ParamValues, _per_model: &[ParamValues]) -> bool {
+        // per-row vectors (the last axis) only
+        global.get("nuslerp_flatten").is_some_and(|v| *v == 0.0)
+            && global.get("nuslerp_row_wise").is_none_or(|v| *v == 0.0)
+    }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         let n = cx.shapes.len();
         if n == 1 {

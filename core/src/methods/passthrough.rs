@@ -17,6 +17,9 @@ impl MergeMethod for Passthrough {
     fn base_use(&self) -> BaseUse {
         BaseUse::Unused
     }
+    fn row_separable(&self, _global: &ParamValues, _per_model: &[ParamValues]) -> bool {
+        true
+    }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         if cx.shapes.len() != 1 {
             return Err(Error::tensor(

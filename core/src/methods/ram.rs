@@ -37,6 +37,9 @@ impl MergeMethod for Ram {
     fn output_dtype(&self, working: DType) -> DType {
         if self.plus { DType::F32 } else { working }
     }
+    fn row_separable(&self, _global: &ParamValues, _per_model: &[ParamValues]) -> bool {
+        !self.plus
+    }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         base_present(cx)?;
         equal_shape(cx)
