@@ -181,7 +181,9 @@ pub fn run_tasks(
     // last block is written.
     let threads = rayon::current_num_threads().max(1) as u64;
     let per_unit = (memory_budget / threads).max(1);
-    let mut units: Vec<(usize, Option<(usize, usize)>, u64)> = Vec::new();
+    // (task index, row range, estimated working bytes)
+    type Unit = (usize, Option<(usize, usize)>, u64);
+    let mut units: Vec<Unit> = Vec::new();
     let mut blocks_left: std::collections::HashMap<usize, std::sync::atomic::AtomicUsize> =
         Default::default();
     for &i in which {
