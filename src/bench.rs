@@ -530,17 +530,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
 /// Llama-3-70B-shaped checkpoints stored as sparse files (headers, no data).
 fn plan_70b(dir: &Path) -> anyhow::Result<()> {
     let root = dir.join("plan70b");
-    let spec = smelt_core::synth::LlamaSpec {
-        layers: 80,
-        hidden: 8192,
-        intermediate: 28672,
-        vocab: 128256,
-        heads: 64,
-        kv_heads: 8,
-        dtype: smelt_core::DType::BF16,
-        lm_head: true,
-        shard_bytes: 5_000_000_000,
-    };
+    let spec = smelt_core::synth::LlamaSpec::llama3_70b();
     for n in ["base", "ft1", "ft2"] {
         if !root.join(n).join("config.json").exists() {
             smelt_core::synth::write_llama_sparse(&root.join(n), &spec)?;

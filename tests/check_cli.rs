@@ -218,17 +218,7 @@ fn strict_turns_warnings_into_errors_for_check_and_merge() {
 #[test]
 fn plans_a_70b_merge_from_sparse_headers() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = LlamaSpec {
-        layers: 80,
-        hidden: 8192,
-        intermediate: 28672,
-        vocab: 128256,
-        heads: 64,
-        kv_heads: 8,
-        dtype: DType::BF16,
-        lm_head: true,
-        shard_bytes: 5_000_000_000,
-    };
+    let spec = smelt_core::synth::LlamaSpec::llama3_70b();
     let names = ["base", "ft1", "ft2"];
     for n in names {
         write_llama_sparse(&tmp.path().join(n), &spec).unwrap();

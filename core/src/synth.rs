@@ -43,6 +43,22 @@ impl LlamaSpec {
         }
     }
 
+    /// Llama-3-70B's shapes (80 layers, hidden 8192, GQA 64/8, vocab
+    /// 128256), bf16, ~5 GB shards: for header-only planning at scale.
+    pub fn llama3_70b() -> LlamaSpec {
+        LlamaSpec {
+            layers: 80,
+            hidden: 8192,
+            intermediate: 28672,
+            vocab: 128256,
+            heads: 64,
+            kv_heads: 8,
+            dtype: DType::BF16,
+            lm_head: true,
+            shard_bytes: 5_000_000_000,
+        }
+    }
+
     /// Tensor names and shapes, in checkpoint order.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i, v) = (self.hidden, self.intermediate, self.vocab);
