@@ -5,8 +5,6 @@
 //! Ties in magnitude are broken deterministically: the lower flat index ranks
 //! first among equal magnitudes. Random draws come from [`crate::rng::Stream`].
 
-use std::cmp::Ordering;
-
 use rayon::prelude::*;
 
 use super::*;
@@ -264,25 +262,32 @@ pub fn della_magprune(
     let lo = (density - epsilon) as f32;
     let span = (2.0 * epsilon) as f32;
     let denom = wdt.round((len as f32 - 1.0).max(0.0));
+    // keep probability by rank: mergekit computes argsort(...).to(work
+    // dtype) + 1, then (rank - 1) / (L - 1), in the work dtype
+    let p_of_rank: Vec<f32> = (0..len)
+        .map(|rank0| {
+            let rank = wdt.round(wdt.round(rank0 as f32) + 1.0);
+            let nr = wdt.round(wdt.round(rank - 1.0) / denom).clamp(0.0, 1.0);
+            wdt.round(wdt.round(nr * span) + lo)
+        })
+        .collect();
     p.par_chunks_mut(len * inner)
         .enumerate()
         .for_each(|(o, chunk)| {
             let _ = o;
             let base = o * len * inner;
-            let mut idx: Vec<usize> = Vec::with_capacity(len);
+            // keys sort by (|Δ|, index): ties rank the lower index first
+            let mut keys: Vec<u64> = Vec::with_capacity(len);
             for c in 0..inner {
-                idx.clear();
-                idx.extend(0..len);
-                idx.sort_by(|a, b| {
-                    let x = delta[base + a * inner + c].abs();
-                    let y = delta[base + b * inner + c].abs();
-                    x.partial_cmp(&y).unwrap_or(Ordering::Equal).then(a.cmp(b))
-                });
-                for (rank0, j) in idx.iter().enumerate() {
-                    // mergekit: argsort(...).to(work dtype) + 1, then (rank - 1) / (L - 1)
-                    let rank = wdt.round(wdt.round(rank0 as f32) + 1.0);
-                    let nr = wdt.round(wdt.round(rank - 1.0) / denom).clamp(0.0, 1.0);
-                    chunk[j * inner + c] = wdt.round(wdt.round(nr * span) + lo);
+                keys.clear();
+                keys.extend(
+                    (0..len)
+                        .map(|j| ((abs_key(delta[base + j * inner + c]) as u64) << 32) | j as u64),
+                );
+                keys.sort_unstable();
+                for (rank0, k) in keys.iter().enumerate() {
+                    let j = (*k & 0xFFFF_FFFF) as usize;
+                    chunk[j * inner + c] = p_of_rank[rank0];
                 }
             }
         });
