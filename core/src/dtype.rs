@@ -218,12 +218,11 @@ impl std::fmt::Display for DType {
 /// Round-to-nearest-even from f32 to bfloat16 precision (NaN stays NaN).
 #[inline(always)]
 pub fn bf16_round(x: f32) -> f32 {
+    // branch-free (a select), so loops over it vectorise
     let b = x.to_bits();
-    if x.is_nan() {
-        return f32::from_bits((b | 0x0040_0000) & 0xFFFF_0000);
-    }
-    let r = b.wrapping_add(0x7FFF + ((b >> 16) & 1));
-    f32::from_bits(r & 0xFFFF_0000)
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000;
+    let quiet_nan = (b | 0x0040_0000) & 0xFFFF_0000;
+    f32::from_bits(if x.is_nan() { quiet_nan } else { rounded })
 }
 
 #[cfg(test)]
