@@ -75,7 +75,7 @@ pub fn check(config_path: &Path, opts: &CheckOptions) -> Checked {
     let mut problems = Vec::new();
     let done = |problems: Vec<Problem>, config, models, plan, summary| {
         let mut problems: Vec<Problem> = problems;
-        if opts_strict(opts) {
+        if opts.strict {
             for p in &mut problems {
                 p.severity = Severity::Error;
             }
@@ -234,10 +234,6 @@ pub fn check(config_path: &Path, opts: &CheckOptions) -> Checked {
         free_disk_bytes: free,
     };
     done(problems, Some(cfg), models, Some(plan), Some(summary))
-}
-
-fn opts_strict(o: &CheckOptions) -> bool {
-    o.strict
 }
 
 /// Parameters the method never reads (mergekit ignores them silently).

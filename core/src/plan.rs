@@ -418,7 +418,6 @@ pub fn plan_merge(
         cfg,
         models,
         method: method.as_ref(),
-        arch: &arch,
         permutation: tokenizer.as_ref().map(|t| &t.permutation),
         tasks: Vec::new(),
         warnings: Vec::new(),
@@ -597,7 +596,6 @@ struct TensorPlanner<'a> {
     cfg: &'a MergeConfig,
     models: &'a [LoadedModel],
     method: &'a dyn MergeMethod,
-    arch: &'a Architecture,
     permutation: Option<&'a crate::tokenizer::EmbedPermutation>,
     tasks: Vec<TensorTask>,
     warnings: Vec<String>,
@@ -630,7 +628,6 @@ impl TensorPlanner<'_> {
         ins: &[(usize, WeightInfo)],
         t: f64,
     ) -> Result<()> {
-        let _ = self.arch;
         // optional weights: skipped when no model has the name or an alias
         if out.optional {
             let any = ins.iter().any(|(m, w)| {

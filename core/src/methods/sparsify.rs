@@ -251,12 +251,11 @@ pub fn della_magprune(
     }
     // work dtype: f16 is ranked in f32 on CPU
     let wdt = if dt == DType::F16 { DType::F32 } else { dt };
-    // (outer, len, inner): ranks run along the middle axis
-    let (outer, len, inner) = if shape.len() < 2 {
-        (1, delta.len(), 1)
+    // (len, inner): ranks run along the middle axis, per outer index
+    let (len, inner) = if shape.len() < 2 {
+        (delta.len(), 1)
     } else {
-        let inner: usize = shape[2..].iter().product();
-        (shape[0], shape[1], inner)
+        (shape[1], shape[2..].iter().product::<usize>())
     };
     let mut p = vec![0.0f32; delta.len()];
     let lo = (density - epsilon) as f32;
@@ -274,7 +273,6 @@ pub fn della_magprune(
     p.par_chunks_mut(len * inner)
         .enumerate()
         .for_each(|(o, chunk)| {
-            let _ = o;
             let base = o * len * inner;
             // keys sort by (|Δ|, index): ties rank the lower index first
             let mut keys: Vec<u64> = Vec::with_capacity(len);
@@ -291,7 +289,6 @@ pub fn della_magprune(
                 }
             }
         });
-    let _ = outer;
     let m = masked(delta, |i| stream.bernoulli(i as u64, p[i]), rescale, wdt);
     Ok(if wdt != dt {
         m.into_iter().map(|x| dt.round(x)).collect()
