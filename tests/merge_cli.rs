@@ -723,3 +723,25 @@ fn row_blocks_under_a_small_memory_cap_give_identical_bytes() {
         );
     }
 }
+
+#[test]
+fn unknown_architectures_are_inferred_from_tensor_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = family(&tmp.path().join("fam"), &LlamaSpec::tiny(), 1);
+    for m in &ms {
+        let p = m.join("config.json");
+        let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        c["architectures"] = serde_json::json!(["NovelForCausalLM"]);
+        c["model_type"] = serde_json::json!("novel");
+        std::fs::write(&p, c.to_string()).unwrap();
+    }
+    let cfg = tmp.path().join("c.yml");
+    write(&cfg, &yaml_models("linear", &[(&ms[0], "{weight: 1}"), (&ms[1], "{weight: 1}")], None, ""));
+    let out = tmp.path().join("out");
+    let o = merge(tmp.path(), &cfg, &out, &[]);
+    assert_ok(&o);
+    assert!(stderr(&o).contains("no architecture definition"), "{}", stderr(&o));
+    let a = read_model(&ms[0]);
+    let got = read_model(&out);
+    assert_eq!(got.keys().collect::<Vec<_>>(), a.keys().collect::<Vec<_>>(), "every tensor is merged");
+}
