@@ -736,12 +736,28 @@ fn unknown_architectures_are_inferred_from_tensor_names() {
         std::fs::write(&p, c.to_string()).unwrap();
     }
     let cfg = tmp.path().join("c.yml");
-    write(&cfg, &yaml_models("linear", &[(&ms[0], "{weight: 1}"), (&ms[1], "{weight: 1}")], None, ""));
+    write(
+        &cfg,
+        &yaml_models(
+            "linear",
+            &[(&ms[0], "{weight: 1}"), (&ms[1], "{weight: 1}")],
+            None,
+            "",
+        ),
+    );
     let out = tmp.path().join("out");
     let o = merge(tmp.path(), &cfg, &out, &[]);
     assert_ok(&o);
-    assert!(stderr(&o).contains("no architecture definition"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no architecture definition"),
+        "{}",
+        stderr(&o)
+    );
     let a = read_model(&ms[0]);
     let got = read_model(&out);
-    assert_eq!(got.keys().collect::<Vec<_>>(), a.keys().collect::<Vec<_>>(), "every tensor is merged");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        a.keys().collect::<Vec<_>>(),
+        "every tensor is merged"
+    );
 }
