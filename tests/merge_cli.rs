@@ -28,6 +28,23 @@ fn spec_sharded() -> LlamaSpec {
     }
 }
 
+/// A base + one fine-tune family and an equal-weight linear config over it.
+fn linear_pair(spec: LlamaSpec) -> (tempfile::TempDir, Vec<PathBuf>, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let ms = family(&tmp.path().join("fam"), &spec, 1);
+    let cfg = tmp.path().join("lin.yml");
+    write(
+        &cfg,
+        &yaml_models(
+            "linear",
+            &[(&ms[0], "{weight: 1}"), (&ms[1], "{weight: 1}")],
+            None,
+            "",
+        ),
+    );
+    (tmp, ms, cfg)
+}
+
 fn yaml_models(method: &str, models: &[(&Path, &str)], base: Option<&Path>, extra: &str) -> String {
     let mut y = String::from("models:\n");
     for (m, p) in models {
@@ -370,18 +387,7 @@ fn frankenmerge_renumbers_layers_and_updates_config() {
 
 #[test]
 fn output_safety() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ms = family(&tmp.path().join("fam"), &LlamaSpec::tiny(), 1);
-    let cfg = tmp.path().join("lin.yml");
-    write(
-        &cfg,
-        &yaml_models(
-            "linear",
-            &[(&ms[0], "{weight: 1}"), (&ms[1], "{weight: 1}")],
-            None,
-            "",
-        ),
-    );
+    let (tmp, ms, cfg) = linear_pair(LlamaSpec::tiny());
     // an existing file at OUT is never touched
     let file = tmp.path().join("afile");
     write(&file, "precious");
@@ -428,18 +434,7 @@ fn output_safety() {
 
 #[test]
 fn mergekit_options_are_accepted() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ms = family(&tmp.path().join("fam"), &LlamaSpec::tiny(), 1);
-    let cfg = tmp.path().join("lin.yml");
-    write(
-        &cfg,
-        &yaml_models(
-            "linear",
-            &[(&ms[0], "{weight: 1}"), (&ms[1], "{weight: 1}")],
-            None,
-            "",
-        ),
-    );
+    let (tmp, _, cfg) = linear_pair(LlamaSpec::tiny());
     let out = tmp.path().join("out");
     let o = merge(
         tmp.path(),
@@ -558,18 +553,7 @@ fn mixtral_per_expert_checkpoints_are_fused() {
 
 #[test]
 fn killed_merge_leaves_nothing_finished_and_a_rerun_cleans_up() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ms = family(&tmp.path().join("fam"), &spec_sharded(), 1);
-    let cfg = tmp.path().join("lin.yml");
-    write(
-        &cfg,
-        &yaml_models(
-            "linear",
-            &[(&ms[0], "{weight: 1}"), (&ms[1], "{weight: 1}")],
-            None,
-            "",
-        ),
-    );
+    let (tmp, _, cfg) = linear_pair(spec_sharded());
     let out = tmp.path().join("out");
     // the chaos switch stalls the merge after 5 tensors; then kill -9
     let mut child = smelt()
