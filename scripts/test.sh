@@ -2,13 +2,17 @@
 # Runs smelt's whole test suite on a fresh machine: installs what the tests
 # need, then `cargo test --workspace`. Called by .ci/run; safe to run by hand.
 #
-# Needs: a Rust toolchain (cargo). Installs if missing: python3 (conformance
-# comparison uses tests/conformance/compare.py, standard library only).
+# Needs: a Rust toolchain (cargo). Installs if missing (Debian packages):
+#   python3          conformance comparison (tests/conformance/compare.py)
+#   protobuf-compiler  protoc, which etcd-client's build script runs
+#   etcd-server      the real etcd the cluster tests start (tests/cluster.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+[ -x /usr/bin/etcd ] || [ -x /usr/local/bin/etcd ] || need_apt+=(etcd-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}" >&2
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"

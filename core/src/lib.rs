@@ -203,45 +203,65 @@ fn write_all(
             &output::pretty_json(&index),
         )?;
     }
-    output::write_file(dir, "config.json", &output::pretty_json(&plan.out_config))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "Untitled Model (1)".into());
+    for (file, bytes) in aux_files(config, models, plan, opts, &name)? {
+        output::write_file(dir, &file, &bytes)?;
+    }
+    Ok(())
+}
+
+/// A file name with its contents.
+pub type NamedBytes = (String, Vec<u8>);
+
+/// The output files besides the shards and the index: config.json, the
+/// tokenizer (merged, or copied from the donor, with any chat template),
+/// mergekit_config.yml and the model card README.md (named `name`).
+pub fn aux_files(
+    config: &MergeConfig,
+    models: &[LoadedModel],
+    plan: &MergePlan,
+    opts: &MergeOptions,
+    name: &str,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    out.push(("config.json".into(), output::pretty_json(&plan.out_config)));
     if let Some(t) = &plan.tokenizer {
         let mut files = t.files.clone();
         if let Some(ct) = &plan.chat_template {
             tokenizer::apply_chat_template(&mut files, ct);
         }
-        for (name, text) in &files {
-            output::write_file(dir, name, text.as_bytes())?;
-        }
+        out.extend(files.into_iter().map(|(n, t)| (n, t.into_bytes())));
     } else if opts.copy_tokenizer {
-        let copied = output::copy_tokenizer(&models[plan.donor].dir, dir)?;
-        if let Some(ct) = &plan.chat_template {
-            let mut files: Vec<(String, String)> = copied
-                .iter()
-                .filter(|n| n.ends_with(".json") || n.ends_with(".jinja"))
-                .filter_map(|n| {
-                    std::fs::read_to_string(dir.join(n))
-                        .ok()
-                        .map(|t| (n.clone(), t))
-                })
-                .collect();
-            for (n, _) in &files {
-                let _ = std::fs::remove_file(dir.join(n));
-            }
-            tokenizer::apply_chat_template(&mut files, ct);
-            for (name, text) in &files {
-                output::write_file(dir, name, text.as_bytes())?;
+        let copied = output::read_tokenizer(&models[plan.donor].dir)?;
+        match &plan.chat_template {
+            None => out.extend(copied),
+            Some(ct) => {
+                let (mut text, other): (Vec<NamedBytes>, Vec<NamedBytes>) =
+                    copied.into_iter().partition(|(n, b)| {
+                        (n.ends_with(".json") || n.ends_with(".jinja"))
+                            && std::str::from_utf8(b).is_ok()
+                    });
+                out.extend(other);
+                let mut files: Vec<(String, String)> = text
+                    .drain(..)
+                    .map(|(n, b)| (n, String::from_utf8(b).expect("checked utf-8")))
+                    .collect();
+                tokenizer::apply_chat_template(&mut files, ct);
+                out.extend(files.into_iter().map(|(n, t)| (n, t.into_bytes())));
             }
         }
     }
     if opts.write_model_card {
-        output::write_file(dir, "mergekit_config.yml", config.source_text.as_bytes())?;
+        out.push((
+            "mergekit_config.yml".into(),
+            config.source_text.as_bytes().to_vec(),
+        ));
         let method = methods::get(&plan.method).expect("planned method exists");
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "Untitled Model (1)".into());
-        let card = output::model_card(plan, method.as_ref(), &config.source_text, &name);
-        output::write_file(dir, "README.md", card.as_bytes())?;
+        let card = output::model_card(plan, method.as_ref(), &config.source_text, name);
+        out.push(("README.md".into(), card.into_bytes()));
     }
-    Ok(())
+    Ok(out)
 }

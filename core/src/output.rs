@@ -161,25 +161,23 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "video_preprocessor_config.json",
 ];
 
-/// Copies the donor's tokenizer files that exist. Returns the names copied.
-pub fn copy_tokenizer(donor: &Path, dir: &Path) -> Result<Vec<String>> {
-    let mut copied = Vec::new();
+/// Reads the donor's tokenizer files that exist (name, bytes).
+pub fn read_tokenizer(donor: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
     if !donor.join("tokenizer_config.json").exists()
         && !donor.join("tokenizer.json").exists()
         && !donor.join("tokenizer.model").exists()
     {
-        return Ok(copied);
+        return Ok(files);
     }
     for f in TOKENIZER_FILES {
         let src = donor.join(f);
         if src.is_file() {
-            // copy contents, not permissions (inputs may be read-only)
             let bytes = fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            write_file(dir, f, &bytes)?;
-            copied.push(f.to_string());
+            files.push((f.to_string(), bytes));
         }
     }
-    Ok(copied)
+    Ok(files)
 }
 
 /// The README.md model card (spec §5.5).
