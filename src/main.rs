@@ -3,6 +3,7 @@
 //! errors to exit codes (0 ok, 1 failure, 2 usage).
 
 mod bench;
+mod eval_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ enum Command {
     Check(CheckArgs),
     /// Benchmark merges on a synthetic Llama family against the I/O floor.
     Bench(bench::BenchArgs),
+    /// Evaluate a model: per-token log-probabilities, task scores, generation.
+    Eval(eval_cmd::EvalArgs),
 }
 
 #[derive(Args, Debug)]
@@ -330,7 +333,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let verbosity = match &cli.command {
         Command::Merge(a) => a.verbosity,
-        Command::Check(_) | Command::Bench(_) => 0,
+        Command::Check(_) | Command::Bench(_) | Command::Eval(_) => 0,
     };
     let level = match verbosity {
         0 => "warn",
@@ -347,6 +350,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => run_merge(a).map(|()| ExitCode::SUCCESS),
         Command::Check(a) => run_check(a),
         Command::Bench(a) => bench::run(a),
+        Command::Eval(a) => eval_cmd::run(a),
     };
     match result {
         Ok(code) => code,
