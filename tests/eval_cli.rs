@@ -161,6 +161,7 @@ fn logprobs_bad_inputs_are_clear_errors() {
     let o = run(&["logprobs", model.to_str().unwrap(), bad.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("bad.jsonl:2"), "{}", stderr(&o));
+    std::fs::write(&bad, "{\"id\": \"a\", \"tokens\": [1, 2]}\n").unwrap();
     let o = run(&[
         "logprobs",
         tmp.path().join("nope").to_str().unwrap(),
