@@ -320,7 +320,7 @@ impl ModelConfig {
         let (rope_theta, rope_scaling, partial_rotary_factor) =
             parse_rope(v, max_position_embeddings)?;
         let rot = (head_dim as f64 * partial_rotary_factor) as usize;
-        if rot == 0 || rot % 2 != 0 {
+        if rot == 0 || !rot.is_multiple_of(2) {
             return err(format!(
                 "config.json: rotary dimension {rot} (head_dim × partial_rotary_factor) must be even and positive"
             ));

@@ -75,15 +75,15 @@ pub fn run_external(
             Ok(None) => {}
             Err(e) => break Err(format!("waiting for it failed: {e}")),
         }
-        if let Some(t) = timeout {
-            if start.elapsed() >= t {
-                // SAFETY: signals the process group we created for the child.
-                unsafe {
-                    libc::kill(-pid, libc::SIGKILL);
-                }
-                let _ = child.wait();
-                break Err(format!("timed out after {:.1} s (killed)", t.as_secs_f64()));
+        if let Some(t) = timeout
+            && start.elapsed() >= t
+        {
+            // SAFETY: signals the process group we created for the child.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
             }
+            let _ = child.wait();
+            break Err(format!("timed out after {:.1} s (killed)", t.as_secs_f64()));
         }
         std::thread::sleep(Duration::from_millis(10));
     };

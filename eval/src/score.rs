@@ -363,10 +363,10 @@ pub fn generate_answers(
         .iter()
         .map(|p| {
             let mut e = tok.encode(p)?;
-            if e.is_empty() {
-                if let Some(b) = tok.bos_id {
-                    e.push(b);
-                }
+            if e.is_empty()
+                && let Some(b) = tok.bos_id
+            {
+                e.push(b);
             }
             Ok(e)
         })

@@ -93,16 +93,23 @@ fn greedy_batches_agree_with_single_prompts() {
         smelt_eval::generate::greedy(&loaded.model, &prompts, &max, &none, 8, &|_, _| false)
             .unwrap();
     for (i, p) in prompts.iter().enumerate() {
-        let one =
-            smelt_eval::generate::greedy(&loaded.model, &[p.clone()], &[6], &none, 1, &|_, _| {
-                false
-            })
-            .unwrap();
+        let one = smelt_eval::generate::greedy(
+            &loaded.model,
+            std::slice::from_ref(p),
+            &[6],
+            &none,
+            1,
+            &|_, _| false,
+        )
+        .unwrap();
         assert_eq!(one[0], batched[i], "prompt {i}");
         assert_eq!(one[0].len(), 6);
         // The first greedy token is the argmax of a plain full forward pass.
         let pos: Vec<i64> = (0..p.len() as i64).collect();
-        let h = loaded.model.forward(&[p.clone()], &[pos], None).unwrap();
+        let h = loaded
+            .model
+            .forward(std::slice::from_ref(p), &[pos], None)
+            .unwrap();
         let last = h.narrow(1, p.len() - 1, 1).unwrap().squeeze(1).unwrap();
         let lp = loaded
             .model
