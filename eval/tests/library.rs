@@ -123,3 +123,42 @@ fn greedy_batches_agree_with_single_prompts() {
         assert_eq!(one[0][0], best as u32, "prompt {i}");
     }
 }
+
+#[test]
+fn sliding_window_attention_limits_what_a_position_sees() {
+    // eval_llama's weights as a mistral with a sliding window of 1: every
+    // position attends to itself only, so the prediction after a token
+    // depends on that token alone (not on earlier tokens or its position).
+    let text = std::fs::read_to_string(model_dir("eval_llama").join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["model_type"] = "mistral".into();
+    v["sliding_window"] = 1.into();
+    let cfg = ModelConfig::from_json(&v).unwrap();
+    let m = Model::from_tensors(cfg, core_tensors("eval_llama"), &Device::Cpu).unwrap();
+    let lp =
+        |s: &[u32]| smelt_eval::logprobs::sequence_logprobs(&m, &[s.to_vec()]).unwrap()[0].clone();
+    let a = lp(&[5, 7, 9]);
+    let b = lp(&[8, 7, 9]);
+    let c = lp(&[7, 9]);
+    assert!(
+        (a[1] - b[1]).abs() < 1e-5 && (a[1] - c[0]).abs() < 1e-5,
+        "{a:?} {b:?} {c:?}"
+    );
+    // A window covering the sequence is full attention; there, context matters.
+    v["sliding_window"] = 64.into();
+    let wide = Model::from_tensors(
+        ModelConfig::from_json(&v).unwrap(),
+        core_tensors("eval_llama"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let full = load_model(&model_dir("eval_llama"), &Device::Cpu).unwrap();
+    let seqs = vec![vec![5u32, 7, 9, 11, 13]];
+    let x = smelt_eval::logprobs::sequence_logprobs(&wide, &seqs).unwrap();
+    let y = smelt_eval::logprobs::sequence_logprobs(&full.model, &seqs).unwrap();
+    assert_eq!(x, y);
+    let f = |s: &[u32]| {
+        smelt_eval::logprobs::sequence_logprobs(&full.model, &[s.to_vec()]).unwrap()[0].clone()
+    };
+    assert!((f(&[5, 7, 9])[1] - f(&[8, 7, 9])[1]).abs() > 1e-4);
+}
