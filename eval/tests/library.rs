@@ -162,3 +162,26 @@ fn sliding_window_attention_limits_what_a_position_sees() {
     };
     assert!((f(&[5, 7, 9])[1] - f(&[8, 7, 9])[1]).abs() > 1e-4);
 }
+
+#[test]
+fn tied_embeddings_use_the_embedding_as_lm_head() {
+    // The same model twice: once with lm_head.weight = a copy of the
+    // embedding, once tied (no lm_head tensor): identical numbers.
+    let mut t = core_tensors("eval_qwen2");
+    let embed = t["model.embed_tokens.weight"].clone();
+    t.insert("lm_head.weight".into(), embed);
+    let untied = Model::from_tensors(config("eval_qwen2"), t, &Device::Cpu).unwrap();
+    let mut t = core_tensors("eval_qwen2");
+    t.remove("lm_head.weight");
+    let mut cfg = config("eval_qwen2");
+    cfg.tie_word_embeddings = true;
+    let tied = Model::from_tensors(cfg, t, &Device::Cpu).unwrap();
+    let seqs = vec![vec![3u32, 50, 60, 70, 80]];
+    let a = smelt_eval::logprobs::sequence_logprobs(&untied, &seqs).unwrap();
+    let b = smelt_eval::logprobs::sequence_logprobs(&tied, &seqs).unwrap();
+    assert_eq!(a, b);
+    // ...and differ from the model's own (untied) lm_head.
+    let own = load_model(&model_dir("eval_qwen2"), &Device::Cpu).unwrap();
+    let c = smelt_eval::logprobs::sequence_logprobs(&own.model, &seqs).unwrap();
+    assert_ne!(a, c);
+}
