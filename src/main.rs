@@ -4,6 +4,7 @@
 
 mod bench;
 mod cluster_cmd;
+mod eval_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,8 @@ enum Command {
     Status(cluster_cmd::StatusArgs),
     /// Cancel a cluster job.
     Cancel(cluster_cmd::CancelArgs),
+    /// Evaluate a model: per-token log-probabilities, task scores, generation.
+    Eval(eval_cmd::EvalArgs),
 }
 
 #[derive(Args, Debug)]
@@ -364,6 +367,7 @@ fn main() -> ExitCode {
         Command::Submit(a) => cluster_cmd::run_submit(a),
         Command::Status(a) => cluster_cmd::run_status(a),
         Command::Cancel(a) => cluster_cmd::run_cancel(a),
+        Command::Eval(a) => eval_cmd::run(a),
     };
     match result {
         Ok(code) => code,
