@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::io::{ModelTensors, ShardWriter};
+use crate::io::{ModelTensors, TensorSink};
 use crate::methods::{self, MergeJob};
 use crate::plan::{InputSource, MergePlan, TensorTask};
 use crate::tensor::Tensor;
@@ -164,7 +164,7 @@ pub fn run_tasks(
     plan: &MergePlan,
     which: &[usize],
     models: &[ModelTensors],
-    writer: &ShardWriter,
+    writer: &dyn TensorSink,
     memory_budget: u64,
     progress: Progress,
 ) -> Result<()> {
