@@ -236,7 +236,8 @@ pub fn merge_to(
         }
         let tensors: Vec<io::ModelTensors> = models.iter().map(|m| m.tensors.clone()).collect();
         let all: Vec<usize> = (0..plan.tensors.len()).collect();
-        let sink = out.create_shards(&plan.shard_slots(), &all)?;
+        let shards: Vec<usize> = (0..plan.shards.len()).collect();
+        let sink = out.create_shards(&plan.shard_slots(), &shards)?;
         match executor::run_tasks(
             &plan,
             &all,

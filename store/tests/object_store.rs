@@ -10,9 +10,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use rayon::prelude::*;
 use smelt_core::io::writer::SlotSpec;
-use smelt_core::io::{
-    ByteSource, ModelTensors, OutputLocation, ShardSink, ShardWriter, TensorSink,
-};
+use smelt_core::io::{ByteSource, ModelTensors, ShardSink, ShardWriter, TensorSink};
 use smelt_core::synth::{LlamaSpec, write_family};
 use smelt_core::{DType, MergeOptions};
 use smelt_store::testkit::{FakeGcs, FaultProxy, ProxyConfig, S3Server, upload_dir};
@@ -450,7 +448,8 @@ fn cancelling_a_sink_stops_the_executor_and_aborts() {
         },
     );
     let all: Vec<usize> = (0..plan.tensors.len()).collect();
-    let sink = out.shard_sink(&plan.shard_slots(), &all).unwrap();
+    let shards: Vec<usize> = (0..plan.shards.len()).collect();
+    let sink = out.shard_sink(&plan.shard_slots(), &shards).unwrap();
     let tensors: Vec<ModelTensors> = prepared.models.iter().map(|m| m.tensors.clone()).collect();
     let r = smelt_core::executor::run_tasks(plan, &all, &tensors, &sink, 1 << 20, &|done, _, _| {
         if done == 3 {

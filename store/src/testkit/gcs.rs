@@ -36,6 +36,9 @@ impl FakeGcs {
                     "memory",
                 ])
                 .args(["-port", &port.to_string(), "-log-level", "error"])
+                // object_store reads path-style XML URLs (/BUCKET/OBJECT),
+                // which the fake serves only for its public host
+                .args(["-public-host", &format!("127.0.0.1:{port}")])
                 .arg("-data")
                 .arg(data)
                 .stdin(Stdio::null())

@@ -242,7 +242,7 @@ async fn serve(
         }
         st.resets.fetch_add(1, Ordering::Relaxed);
         // RST instead of FIN
-        client.set_linger(Some(std::time::Duration::ZERO))?;
+        client.set_zero_linger()?;
         drop(client);
         return Ok(());
     }
