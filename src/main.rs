@@ -3,6 +3,7 @@
 //! errors to exit codes (0 ok, 1 failure, 2 usage).
 
 mod bench;
+mod cluster_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,16 @@ enum Command {
     Check(CheckArgs),
     /// Benchmark merges on a synthetic Llama family against the I/O floor.
     Bench(bench::BenchArgs),
+    /// Run a coordinator: plans submitted merges and hands tasks to workers.
+    Coordinator(cluster_cmd::CoordinatorArgs),
+    /// Run a worker: takes merge tasks from the leading coordinator.
+    Worker(cluster_cmd::WorkerArgs),
+    /// Submit a merge to a cluster; prints the job id.
+    Submit(cluster_cmd::SubmitArgs),
+    /// Show cluster jobs (all, or one with its tasks).
+    Status(cluster_cmd::StatusArgs),
+    /// Cancel a cluster job.
+    Cancel(cluster_cmd::CancelArgs),
 }
 
 #[derive(Args, Debug)]
@@ -339,7 +350,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let verbosity = match &cli.command {
         Command::Merge(a) => a.verbosity,
-        Command::Check(_) | Command::Bench(_) => 0,
+        Command::Coordinator(_) | Command::Worker(_) => 1,
+        _ => 0,
     };
     let level = match verbosity {
         0 => "warn",
@@ -356,6 +368,11 @@ fn main() -> ExitCode {
         Command::Merge(a) => run_merge(a).map(|()| ExitCode::SUCCESS),
         Command::Check(a) => run_check(a),
         Command::Bench(a) => bench::run(a),
+        Command::Coordinator(a) => cluster_cmd::run_coordinator(a),
+        Command::Worker(a) => cluster_cmd::run_worker(a),
+        Command::Submit(a) => cluster_cmd::run_submit(a),
+        Command::Status(a) => cluster_cmd::run_status(a),
+        Command::Cancel(a) => cluster_cmd::run_cancel(a),
     };
     match result {
         Ok(code) => code,
