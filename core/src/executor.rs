@@ -179,8 +179,41 @@ pub fn streamable(
     {
         return None;
     }
-    let _ = plan;
-    method.stream_align(&task.shape, &task.global, &task.per_model)
+    if let Some(a) = method.stream_align(&task.shape, &task.global, &task.per_model) {
+        return Some(a);
+    }
+    // row-separable methods stream through row blocks
+    splittable(plan, task, models).then(|| task.shape[1..].iter().product::<usize>().max(1))
+}
+
+/// Target elements per row block of a row-separable method.
+const ROW_BLOCK: usize = 1 << 18;
+
+/// Runs a row-separable task in row blocks (blocks in parallel), writing
+/// each block as it finishes.
+fn run_row_blocks(
+    plan: &MergePlan,
+    task: &TensorTask,
+    models: &[ModelTensors],
+    writer: &ShardWriter,
+) -> Result<u64> {
+    let rows = task.shape[0];
+    let row_elems = task.shape[1..].iter().product::<usize>().max(1);
+    let step = (ROW_BLOCK / row_elems).clamp(1, rows.max(1));
+    let row_bytes = task.out_bytes() / rows.max(1) as u64;
+    let written = std::sync::atomic::AtomicU64::new(0);
+    (0..rows.div_ceil(step))
+        .into_par_iter()
+        .with_max_len(1)
+        .try_for_each(|b| -> Result<()> {
+            let r0 = b * step;
+            let r1 = (r0 + step).min(rows);
+            let out = compute_rows(plan, task, models, Some((r0, r1)))?;
+            writer.write_part(task.shard, task.slot, r0 as u64 * row_bytes, &out)?;
+            written.fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        })?;
+    Ok(written.into_inner())
 }
 
 /// Plain inputs read in element blocks, cast to the working dtype.
@@ -379,7 +412,15 @@ pub fn run_tasks(
     }
     // streamed tensors: one at a time, blocks in parallel
     for &i in &streamed {
-        let n = run_streamed(plan, &plan.tensors[i], models, method.as_ref(), writer)?;
+        let task = &plan.tensors[i];
+        let n = if method
+            .stream_align(&task.shape, &task.global, &task.per_model)
+            .is_some()
+        {
+            run_streamed(plan, task, models, method.as_ref(), writer)?
+        } else {
+            run_row_blocks(plan, task, models, writer)?
+        };
         let b = bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
         tensor_done(b);
     }

@@ -425,9 +425,7 @@ impl GeneralizedTaskArithmetic {
                     mask(s, m, q + 1, bi, e0);
                     let d = &s.bufs[q + 1];
                     let f = &s.flags;
-                    let before = partial_sums(d.len(), |i| d[i].abs() as f64);
-                    let after =
-                        partial_sums(d.len(), |i| if f[i] != 0 { d[i].abs() as f64 } else { 0.0 });
+                    let (before, after) = partial_sums2(d, f);
                     let bits = matches!(models[m].sp, Sp::Random(_) | Sp::Della).then(|| pack(f));
                     res.push((before, after, bits));
                 }
@@ -534,6 +532,25 @@ impl Selection {
             eq_before: Vec::new(),
         }
     }
+}
+
+/// [`partial_sums`] of |Δ| and of |Δ| where kept, in one loop (two
+/// independent f64 chains, each in the same order as `sum_by`).
+fn partial_sums2(d: &[f32], f: &[u8]) -> (Vec<f64>, Vec<f64>) {
+    let nb = d.len().div_ceil(BLOCK);
+    let mut before = Vec::with_capacity(nb);
+    let mut after = Vec::with_capacity(nb);
+    for (dc, fc) in d.chunks(BLOCK).zip(f.chunks(BLOCK)) {
+        let (mut a, mut b) = (0.0f64, 0.0f64);
+        for (x, k) in dc.iter().zip(fc) {
+            let v = x.abs() as f64;
+            a += v;
+            b += if *k != 0 { v } else { 0.0 };
+        }
+        before.push(a);
+        after.push(b);
+    }
+    (before, after)
 }
 
 /// Packs keep flags into bits.
