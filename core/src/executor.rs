@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::io::{ByteSource, ModelTensors, ShardWriter, TensorLoc};
+use crate::io::{ByteSource, ModelTensors, TensorLoc, TensorSink};
 use crate::methods::{self, MergeJob};
 use crate::plan::{InputSource, MergePlan, TensorTask};
 use crate::tensor::Tensor;
@@ -195,7 +195,7 @@ fn run_row_blocks(
     plan: &MergePlan,
     task: &TensorTask,
     models: &[ModelTensors],
-    writer: &ShardWriter,
+    writer: &dyn TensorSink,
 ) -> Result<u64> {
     let rows = task.shape[0];
     let row_elems = task.shape[1..].iter().product::<usize>().max(1);
@@ -249,7 +249,7 @@ fn run_streamed(
     task: &TensorTask,
     models: &[ModelTensors],
     method: &dyn methods::MergeMethod,
-    writer: &ShardWriter,
+    writer: &dyn TensorSink,
 ) -> Result<u64> {
     let mut inputs = Vec::with_capacity(task.inputs.len());
     for inp in &task.inputs {
@@ -317,7 +317,7 @@ pub fn run_tasks(
     plan: &MergePlan,
     which: &[usize],
     models: &[ModelTensors],
-    writer: &ShardWriter,
+    writer: &dyn TensorSink,
     memory_budget: u64,
     progress: Progress,
 ) -> Result<()> {
