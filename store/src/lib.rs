@@ -52,7 +52,9 @@ pub(crate) fn error(what: &str, e: object_store::Error) -> Error {
 
 /// Options for URLs that start with a given prefix (e.g. an S3 endpoint
 /// for one bucket); longest prefix wins; applied over the environment.
-static PREFIX_OPTIONS: RwLock<Vec<(String, Vec<(String, String)>)>> = RwLock::new(Vec::new());
+/// Per-URL-prefix options: (prefix, [(key, value)]).
+type PrefixOptions = Vec<(String, Vec<(String, String)>)>;
+static PREFIX_OPTIONS: RwLock<PrefixOptions> = RwLock::new(Vec::new());
 
 /// Sets object_store options (config keys such as `aws_endpoint`,
 /// `aws_access_key_id`, `google_service_account_key`) for every URL that

@@ -21,6 +21,7 @@ const MAX_HEADER: u64 = 100_000_000;
 
 /// Where one tensor's bytes live.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+
 pub struct TensorLoc {
     pub shard: usize,
     pub dtype: DType,
@@ -232,7 +233,7 @@ impl ModelTensors {
         // shard at a time would dominate planning); errors are reported in
         // file order, as a sequential read would
         let files: Vec<&String> = files.iter().collect();
-        let opened: Vec<Result<(Arc<dyn ByteSource>, BTreeMap<String, TensorLoc>)>> = files
+        let opened: Vec<Result<OpenedShard>> = files
             .par_iter()
             .enumerate()
             .map(|(k, f)| {
@@ -324,3 +325,6 @@ impl ModelTensors {
         }
     }
 }
+
+/// One opened shard file: its bytes and its tensor table.
+type OpenedShard = (Arc<dyn ByteSource>, BTreeMap<String, TensorLoc>);

@@ -230,7 +230,7 @@ async fn serve(
         return client.shutdown().await;
     }
     if cfg.every > 0 && n % cfg.every == cfg.every / 2 {
-        if (n / cfg.every) % 2 == 0 {
+        if (n / cfg.every).is_multiple_of(2) {
             st.answered_503.fetch_add(1, Ordering::Relaxed);
             let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>injected by the test proxy</Message></Error>";
             let resp = format!(

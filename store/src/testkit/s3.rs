@@ -46,15 +46,15 @@ impl S3Server {
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-            if wait_for_port(port, Duration::from_secs(10)) {
-                if let Ok(None) = child.try_wait() {
-                    return S3Server {
-                        child,
-                        root,
-                        port,
-                        bucket,
-                    };
-                }
+            if wait_for_port(port, Duration::from_secs(10))
+                && let Ok(None) = child.try_wait()
+            {
+                return S3Server {
+                    child,
+                    root,
+                    port,
+                    bucket,
+                };
             }
             let _ = child.kill();
             let out = child.wait_with_output().ok();
