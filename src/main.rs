@@ -104,7 +104,8 @@ flag_pair! {
 struct MergeArgs {
     /// The merge configuration (mergekit YAML).
     config: PathBuf,
-    /// Output directory.
+    /// Output directory, or an object-store URL (s3://bucket/prefix,
+    /// gs://…, file://…).
     out: PathBuf,
     #[command(flatten)]
     flags: MergekitFlags,
@@ -238,7 +239,13 @@ fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let plan = smelt_core::merge(&a.config, &a.out, &opts, &progress)?;
+    let out_s = a.out.to_string_lossy().to_string();
+    let plan = if smelt_core::io::is_url(&out_s) {
+        let target = smelt_core::io::open_output(&out_s)?;
+        smelt_core::merge_to(&a.config, target.as_ref(), &opts, &progress)?
+    } else {
+        smelt_core::merge(&a.config, &a.out, &opts, &progress)?
+    };
     for w in &plan.warnings {
         eprintln!("warning: {w}");
     }
@@ -341,6 +348,8 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+    // model paths and outputs may be object-store URLs
+    smelt_store::install();
     let cli = Cli::parse();
     let verbosity = match &cli.command {
         Command::Merge(a) => a.verbosity,

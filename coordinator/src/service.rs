@@ -360,11 +360,17 @@ impl Node {
                         .collect();
                     return Err(Status::invalid_argument(errors.join("\n")));
                 };
+                if let Some(m) = plan.models.iter().find(|m| m.reference.lora.is_some()) {
+                    return Err(Status::invalid_argument(format!(
+                        "model {}: LoRA adapters (model+lora) are not supported by cluster jobs yet; merge the adapter first or use smelt merge",
+                        m.reference
+                    )));
+                }
                 plan.warnings = messages.clone();
                 out.prepare(s2.overwrite)
                     .map_err(|e| Status::failed_precondition(e.to_string()))?;
                 let aux =
-                    smelt_core::aux_files(&config, &checked.models, &plan, &mopts, &out.name())
+                    smelt_core::side_files(&config, &checked.models, &plan, &out.name(), &mopts)
                         .map_err(internal)?;
                 for (name, bytes) in aux {
                     out.put(&name, &bytes).map_err(internal)?;

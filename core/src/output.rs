@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::io::ModelLocation;
 use crate::methods::MergeMethod;
 use crate::plan::MergePlan;
 
@@ -161,23 +162,23 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "video_preprocessor_config.json",
 ];
 
-/// Reads the donor's tokenizer files that exist (name, bytes).
-pub fn read_tokenizer(donor: &Path) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut files = Vec::new();
-    if !donor.join("tokenizer_config.json").exists()
-        && !donor.join("tokenizer.json").exists()
-        && !donor.join("tokenizer.model").exists()
+/// The donor's tokenizer files that exist, with their bytes (copied as
+/// they are). Empty when the donor has no tokenizer at all.
+pub fn tokenizer_files(donor: &dyn ModelLocation) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut copied = Vec::new();
+    if !donor.exists("tokenizer_config.json")?
+        && !donor.exists("tokenizer.json")?
+        && !donor.exists("tokenizer.model")?
     {
-        return Ok(files);
+        return Ok(copied);
     }
     for f in TOKENIZER_FILES {
-        let src = donor.join(f);
-        if src.is_file() {
-            let bytes = fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            files.push((f.to_string(), bytes));
+        if donor.is_file(f)? {
+            // copy contents, not permissions (inputs may be read-only)
+            copied.push((f.to_string(), donor.read(f)?));
         }
     }
-    Ok(files)
+    Ok(copied)
 }
 
 /// The README.md model card (spec §5.5).

@@ -236,15 +236,7 @@ async fn run_task(
             let plan = Arc::new(plan);
             let p2 = plan.clone();
             let models = tokio::task::spawn_blocking(move || -> Result<Vec<ModelTensors>> {
-                p2.models
-                    .iter()
-                    .map(|m| {
-                        ModelTensors::open_dir(
-                            std::path::Path::new(&m.location),
-                            &m.reference.to_string(),
-                        )
-                    })
-                    .collect()
+                p2.models.iter().map(|m| m.open()).collect()
             })
             .await
             .map_err(|e| Error::msg(e.to_string()))??;
