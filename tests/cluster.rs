@@ -10,8 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering;
+
 use common::{assert_ok, smelt};
+use smelt_core::DType;
 use smelt_core::synth::{LlamaSpec, write_family};
+use smelt_store::testkit::{FaultProxy, ProxyConfig, S3Server, read_folder, upload_dir};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -156,12 +160,22 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 }
 
 fn coordinator(etcd: &Etcd, name: &str, dir: &Path) -> (Proc, String) {
+    coordinator_env(etcd, name, dir, &[])
+}
+
+fn coordinator_env(
+    etcd: &Etcd,
+    name: &str,
+    dir: &Path,
+    env: &[(String, String)],
+) -> (Proc, String) {
     let port = free_port();
     let mut cmd = smelt();
     cmd.args(["coordinator", "--etcd", &etcd.url()])
         .args(["--grpc", &format!("127.0.0.1:{port}")])
         .args(["--lease-ttl", "2"])
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)));
     (
         Proc::spawn(name, cmd, dir),
         format!("http://127.0.0.1:{port}"),
@@ -177,6 +191,11 @@ fn worker(etcd: &Etcd, name: &str, dir: &Path, env: &[(&str, &str)]) -> Proc {
         cmd.env(k, v);
     }
     Proc::spawn(name, cmd, dir)
+}
+
+fn worker_env(etcd: &Etcd, name: &str, dir: &Path, env: &[(String, String)]) -> Proc {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    worker(etcd, name, dir, &env)
 }
 
 /// A dare_ties config over a 3-model bf16 family whose inputs are sharded.
@@ -534,4 +553,166 @@ fn bad_submissions_are_refused_and_cancel_stops_a_job() {
         .output()
         .unwrap();
     assert!(!o.status.success());
+}
+
+/// Uploads the models under `dir` named `names` to `models/<name>` on `s3`
+/// and returns their URLs.
+fn upload_models(s3: &S3Server, dir: &Path, names: &[&str]) -> Vec<String> {
+    names
+        .iter()
+        .map(|n| {
+            upload_dir(&s3.store(), &dir.join(n), &format!("models/{n}"));
+            s3.url(&format!("models/{n}"))
+        })
+        .collect()
+}
+
+/// `smelt merge` of `cfg` into `out` (a URL) in this process's environment
+/// plus `env`.
+fn merge_to_url(cfg: &Path, out: &str, env: &[(String, String)], args: &[&str]) {
+    let o = smelt()
+        .arg("merge")
+        .arg(cfg)
+        .arg(out)
+        .arg("--quiet")
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    assert_ok(&o);
+}
+
+fn submit_url(coord: &str, cfg: &Path, out: &str, args: &[&str]) -> std::process::Output {
+    smelt()
+        .args(["submit", "--coordinator", coord])
+        .arg(cfg)
+        .arg(out)
+        .args(args)
+        .arg("--wait")
+        .output()
+        .unwrap()
+}
+
+fn assert_same_objects(s3: &S3Server, a: &str, b: &str) {
+    let (x, y) = (read_folder(&s3.store(), a), read_folder(&s3.store(), b));
+    assert_eq!(
+        x.keys().collect::<Vec<_>>(),
+        y.keys().collect::<Vec<_>>(),
+        "object lists differ"
+    );
+    for (name, bytes) in &x {
+        assert!(y[name] == *bytes, "{name} differs between {a} and {b}");
+    }
+}
+
+/// Inputs and output on S3 (s3s-fs), coordinator + 2 workers: a conformance
+/// case, and a multi-shard bf16 dare_ties merge whose shards are multipart
+/// uploads, the latter with every process talking to S3 through a proxy
+/// that fails 5 % of requests. Both byte-identical to `smelt merge`.
+#[test]
+fn s3_inputs_and_outputs_match_the_local_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let s3 = S3Server::start();
+    let env = s3.env();
+
+    // a conformance case (ties over 3 fine-tunes)
+    let conf = common::repo().join("tests/conformance");
+    let urls = upload_models(
+        &s3,
+        &conf.join("models"),
+        &["llama_base", "llama_ft1", "llama_ft2", "llama_ft3"],
+    );
+    let text = std::fs::read_to_string(conf.join("cases/ties_basic/config.yml")).unwrap();
+    let prefix = urls[0].trim_end_matches("llama_base");
+    let text = text.replace("../../models/", prefix);
+    assert!(text.contains("s3://"), "{text}");
+    let conf_cfg = d.join("ties.yml");
+    std::fs::write(&conf_cfg, &text).unwrap();
+    merge_to_url(&conf_cfg, &s3.url("local/ties"), &env, &[]);
+
+    // a multi-shard bf16 family: 2 output shards of ~6 MB, multipart
+    let spec = LlamaSpec {
+        layers: 4,
+        hidden: 256,
+        intermediate: 1024,
+        vocab: 4096,
+        heads: 4,
+        kv_heads: 2,
+        dtype: DType::BF16,
+        lm_head: true,
+        shard_bytes: 3_000_000,
+    };
+    write_family(&d.join("fam"), &spec, 9, 2, 0.02).unwrap();
+    let urls = upload_models(&s3, &d.join("fam"), &["base", "ft1", "ft2"]);
+    let big_cfg = d.join("dare.yml");
+    std::fs::write(
+        &big_cfg,
+        format!(
+            "models:\n  - model: {}\n    parameters: {{weight: 0.7, density: 0.6}}\n  - model: {}\n    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: dare_ties\nbase_model: {}\ndtype: bfloat16\n",
+            urls[1], urls[2], urls[0]
+        ),
+    )
+    .unwrap();
+    let big_args = ["--out-shard-size", "6M", "--random-seed", "11"];
+    let part = [("SMELT_UPLOAD_PART_SIZE".to_string(), (5 << 20).to_string())];
+    let env_part: Vec<(String, String)> = env.iter().chain(&part).cloned().collect();
+    merge_to_url(&big_cfg, &s3.url("local/dare"), &env_part, &big_args);
+
+    let etcd = Etcd::start(d);
+    let proxy = FaultProxy::start(
+        format!("127.0.0.1:{}", s3.port).parse().unwrap(),
+        ProxyConfig::default(),
+    );
+    let faulty: Vec<(String, String)> = s3
+        .env_via(&proxy.endpoint())
+        .into_iter()
+        .chain(part)
+        .collect();
+    let (c, url) = coordinator_env(&etcd, "coord", d, &faulty);
+    let w1 = worker_env(&etcd, "w1", d, &faulty);
+    let w2 = worker_env(&etcd, "w2", d, &faulty);
+    let logs = || format!("{}\n{}\n{}", c.log(), w1.log(), w2.log());
+
+    let o = submit_url(&url, &conf_cfg, &s3.url("cluster/ties"), &[]);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        logs()
+    );
+    assert_same_objects(&s3, "local/ties", "cluster/ties");
+
+    let o = submit_url(&url, &big_cfg, &s3.url("cluster/dare"), &big_args);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        logs()
+    );
+    let st = status(&url, &job_id(&o)).expect("status");
+    assert!(st["tasks"].as_array().unwrap().len() >= 2, "{st:#}");
+    assert_same_objects(&s3, "local/dare", "cluster/dare");
+    let objs = read_folder(&s3.store(), "cluster/dare");
+    assert!(
+        objs.contains_key("model.safetensors.index.json")
+            && objs.keys().filter(|k| k.ends_with(".safetensors")).count() >= 2,
+        "{:?}",
+        objs.keys()
+    );
+    assert!(
+        proxy.stats.faults() > 0,
+        "no faults injected in {} requests",
+        proxy.stats.requests.load(Ordering::Relaxed)
+    );
+    assert!(s3.open_uploads().is_empty(), "{:?}", s3.open_uploads());
+
+    // a non-empty S3 output is refused without --overwrite, named
+    let o = submit_url(&url, &conf_cfg, &s3.url("cluster/ties"), &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--overwrite") && err.contains("cluster/ties"),
+        "{err}"
+    );
 }

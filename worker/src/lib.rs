@@ -11,7 +11,7 @@ use std::time::Duration;
 use smelt_coordinator::output::OutputLocation;
 use smelt_coordinator::{etcd, keys};
 use smelt_core::executor;
-use smelt_core::io::{ModelTensors, ShardWriter};
+use smelt_core::io::{ModelTensors, ShardSink, ShardWriter, TensorSink};
 use smelt_core::plan::{MergePlan, ShardPlan};
 use smelt_core::{Error, Result};
 use smelt_proto as pb;
@@ -269,19 +269,32 @@ async fn run_task(
             })?
             .file_name
             .clone();
-        let part = OutputLocation::part_name(&file, &task.job_id, task.task_index, task.attempt);
-        let sub = shard_plan(&plan, shard, &part)?;
+        let target = out.shard_target(&file, &task.job_id, task.task_index, task.attempt);
+        let sub = shard_plan(&plan, shard, target.writing_name())?;
         let cancelled = Arc::new(AtomicBool::new(false));
-        let (p2, m2, o2, pool2) = (sub, models.clone(), out.clone(), pool.clone());
-        let job = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let writer = ShardWriter::create(o2.dir(), &p2.shard_slots())?;
-            let all: Vec<usize> = (0..p2.tensors.len()).collect();
-            pool2
-                .install(|| executor::run_tasks(&p2, &all, &m2, &writer, budget, &|_, _, _| {}))?;
-            writer.finish()?;
-            Ok(p2.total_bytes())
-        });
-        // while it runs, ask whether the task is still wanted
+        let sink = out.open_shard(&target, sub.shard_slots().remove(0).1)?;
+        let (m2, pool2, flag) = (models.clone(), pool.clone(), cancelled.clone());
+        let job = tokio::task::spawn_blocking(
+            move || -> std::result::Result<(Box<dyn ShardSink>, u64), Error> {
+                let all: Vec<usize> = (0..sub.tensors.len()).collect();
+                let guarded = Guarded {
+                    inner: sink.as_ref(),
+                    cancelled: &flag,
+                };
+                let r = pool2.install(|| {
+                    executor::run_tasks(&sub, &all, &m2, &guarded, budget, &|_, _, _| {})
+                });
+                match r {
+                    Ok(()) => Ok((sink, sub.total_bytes())),
+                    Err(e) => {
+                        sink.abort();
+                        Err(e)
+                    }
+                }
+            },
+        );
+        // while it runs, ask whether the task is still wanted; if not, the
+        // next write fails and the upload is aborted
         let watch = {
             let (client, tref, flag) = (client.clone(), tref.clone(), cancelled.clone());
             tokio::spawn(async move {
@@ -300,26 +313,62 @@ async fn run_task(
             .and_then(|r| r);
         watch.abort();
         match res {
-            Ok(b)
+            Ok((sink, b))
                 if !cancelled.load(Ordering::SeqCst)
                     && still_wanted(client, tref).await != Some(false) =>
             {
-                out.publish(&part, &file)?;
+                tokio::task::spawn_blocking(move || sink.finish())
+                    .await
+                    .map_err(|e| Error::msg(e.to_string()))??;
+                out.publish(&target)?;
                 written += b;
             }
-            Ok(_) => {
-                out.discard(&part);
+            Ok((sink, _)) => {
+                tokio::task::spawn_blocking(move || sink.abort())
+                    .await
+                    .map_err(|e| Error::msg(e.to_string()))?;
+                out.discard(&target);
                 return Err(Error::msg(
                     "task no longer wanted (job cancelled or task reassigned)",
                 ));
             }
             Err(e) => {
-                out.discard(&part);
+                out.discard(&target);
                 return Err(e);
             }
         }
     }
     Ok(written)
+}
+
+/// A sink whose writes fail once the task is no longer wanted, so the
+/// executor stops early.
+struct Guarded<'a> {
+    inner: &'a dyn ShardSink,
+    cancelled: &'a AtomicBool,
+}
+
+impl Guarded<'_> {
+    fn check(&self) -> Result<()> {
+        if self.cancelled.load(Ordering::SeqCst) {
+            Err(Error::msg(
+                "task no longer wanted (job cancelled or task reassigned)",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl TensorSink for Guarded<'_> {
+    fn write(&self, shard: usize, slot: usize, bytes: &[u8]) -> Result<()> {
+        self.check()?;
+        self.inner.write(shard, slot, bytes)
+    }
+    fn write_part(&self, shard: usize, slot: usize, off: u64, bytes: &[u8]) -> Result<()> {
+        self.check()?;
+        self.inner.write_part(shard, slot, off, bytes)
+    }
 }
 
 /// A short unique worker name: host-pid.
