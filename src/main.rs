@@ -3,6 +3,7 @@
 //! errors to exit codes (0 ok, 1 failure, 2 usage).
 
 mod bench;
+mod bench_cluster;
 mod cluster_cmd;
 mod eval_cmd;
 

@@ -127,6 +127,11 @@ impl S3Server {
         self.store_via(&self.endpoint())
     }
 
+    /// The server's process id (to measure its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The server's data directory (to inspect, never to seed).
     pub fn root(&self) -> &Path {
         self.root.path()
