@@ -3,6 +3,8 @@
 //! errors to exit codes (0 ok, 1 failure, 2 usage).
 
 mod bench;
+mod cluster_cmd;
+mod eval_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +30,18 @@ enum Command {
     Check(CheckArgs),
     /// Benchmark merges on a synthetic Llama family against the I/O floor.
     Bench(bench::BenchArgs),
+    /// Run a coordinator: plans submitted merges and hands tasks to workers.
+    Coordinator(cluster_cmd::CoordinatorArgs),
+    /// Run a worker: takes merge tasks from the leading coordinator.
+    Worker(cluster_cmd::WorkerArgs),
+    /// Submit a merge to a cluster; prints the job id.
+    Submit(cluster_cmd::SubmitArgs),
+    /// Show cluster jobs (all, or one with its tasks).
+    Status(cluster_cmd::StatusArgs),
+    /// Cancel a cluster job.
+    Cancel(cluster_cmd::CancelArgs),
+    /// Evaluate a model: per-token log-probabilities, task scores, generation.
+    Eval(eval_cmd::EvalArgs),
 }
 
 #[derive(Args, Debug)]
@@ -90,7 +104,8 @@ flag_pair! {
 struct MergeArgs {
     /// The merge configuration (mergekit YAML).
     config: PathBuf,
-    /// Output directory.
+    /// Output directory, or an object-store URL (s3://bucket/prefix,
+    /// gs://…, file://…).
     out: PathBuf,
     #[command(flatten)]
     flags: MergekitFlags,
@@ -224,7 +239,13 @@ fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let plan = smelt_core::merge(&a.config, &a.out, &opts, &progress)?;
+    let out_s = a.out.to_string_lossy().to_string();
+    let plan = if smelt_core::io::is_url(&out_s) {
+        let target = smelt_core::io::open_output(&out_s)?;
+        smelt_core::merge_to(&a.config, target.as_ref(), &opts, &progress)?
+    } else {
+        smelt_core::merge(&a.config, &a.out, &opts, &progress)?
+    };
     for w in &plan.warnings {
         eprintln!("warning: {w}");
     }
@@ -327,10 +348,13 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+    // model paths and outputs may be object-store URLs
+    smelt_store::install();
     let cli = Cli::parse();
     let verbosity = match &cli.command {
         Command::Merge(a) => a.verbosity,
-        Command::Check(_) | Command::Bench(_) => 0,
+        Command::Coordinator(_) | Command::Worker(_) => 1,
+        _ => 0,
     };
     let level = match verbosity {
         0 => "warn",
@@ -347,6 +371,12 @@ fn main() -> ExitCode {
         Command::Merge(a) => run_merge(a).map(|()| ExitCode::SUCCESS),
         Command::Check(a) => run_check(a),
         Command::Bench(a) => bench::run(a),
+        Command::Coordinator(a) => cluster_cmd::run_coordinator(a),
+        Command::Worker(a) => cluster_cmd::run_worker(a),
+        Command::Submit(a) => cluster_cmd::run_submit(a),
+        Command::Status(a) => cluster_cmd::run_status(a),
+        Command::Cancel(a) => cluster_cmd::run_cancel(a),
+        Command::Eval(a) => eval_cmd::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,7 +1,20 @@
-//! The coordinator's planning side: a merge plan is split into work items,
-//! one per output shard file, each carrying everything a worker needs.
-//! Transport (gRPC), membership and leases (etcd) arrive with the cluster
-//! issue; this crate stays free of the worker crate.
+//! The coordinator: plans a merge (the same planner as `smelt merge`),
+//! splits it into tasks (one per output shard file), hands tasks to workers
+//! over gRPC, and keeps job state and leadership in etcd so that another
+//! coordinator resumes a job without redoing finished tasks.
+//!
+//! - [`registry`]: the job table and its transitions (pure, unit-tested).
+//! - [`service`]: the gRPC services and the leadership loop.
+//! - [`etcd`]: leases, fenced writes, election helpers (also used by workers).
+//! - [`output`]: the output location (shards by workers, index last).
+
+pub mod etcd;
+pub mod keys;
+pub mod output;
+pub mod registry;
+pub mod service;
+
+pub use service::{CoordinatorConfig, Node};
 
 use smelt_core::plan::MergePlan;
 

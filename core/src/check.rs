@@ -72,34 +72,54 @@ pub struct Checked {
 /// Runs every check on a configuration file.
 pub fn check(config_path: &Path, opts: &CheckOptions) -> Checked {
     let file = config_path.display().to_string();
-    let mut problems = Vec::new();
-    let done = |problems: Vec<Problem>, config, models, plan, summary| {
-        let mut problems: Vec<Problem> = problems;
-        if opts.strict {
-            for p in &mut problems {
-                p.severity = Severity::Error;
-            }
-        }
-        let ok = !problems
-            .iter()
-            .any(|p: &Problem| p.severity == Severity::Error);
-        Checked {
-            report: CheckReport {
-                ok,
-                problems,
-                plan: summary,
-            },
-            config,
-            models,
-            plan,
-        }
-    };
     let text = match std::fs::read_to_string(config_path) {
         Ok(t) => t,
         Err(e) => {
-            problems.push(from_error(&Error::io(config_path, e), None, &file));
-            return done(problems, None, vec![], None, None);
+            let problems = vec![from_error(&Error::io(config_path, e), None, &file)];
+            return finish(problems, None, vec![], None, None, opts);
         }
+    };
+    let dir = config_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    check_text(&text, &file, &dir, opts)
+}
+
+fn finish(
+    mut problems: Vec<Problem>,
+    config: Option<MergeConfig>,
+    models: Vec<LoadedModel>,
+    plan: Option<MergePlan>,
+    summary: Option<PlanSummary>,
+    opts: &CheckOptions,
+) -> Checked {
+    if opts.strict {
+        for p in &mut problems {
+            p.severity = Severity::Error;
+        }
+    }
+    let ok = !problems.iter().any(|p| p.severity == Severity::Error);
+    Checked {
+        report: CheckReport {
+            ok,
+            problems,
+            plan: summary,
+        },
+        config,
+        models,
+        plan,
+    }
+}
+
+/// Runs every check on configuration text named `file` (for messages) whose
+/// relative model paths resolve against `dir` (a submitted job's config).
+pub fn check_text(text: &str, file: &str, dir: &Path, opts: &CheckOptions) -> Checked {
+    let text = text.to_string();
+    let file = file.to_string();
+    let mut problems = Vec::new();
+    let done = |problems: Vec<Problem>, config, models, plan, summary| {
+        finish(problems, config, models, plan, summary, opts)
     };
     let cfg = match crate::parse_config(&text, &file) {
         Ok(c) => c,
@@ -128,14 +148,10 @@ pub fn check(config_path: &Path, opts: &CheckOptions) -> Checked {
         });
     }
     problems.extend(ignored_parameters(&cfg, &text, &file));
-    let dir = config_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
     let mut models = Vec::new();
     let mut failed = false;
     for r in cfg.referenced_models() {
-        match model::load_model(&r, &dir, opts.plan.hf_cache.as_deref()) {
+        match model::load_model(&r, dir, opts.plan.hf_cache.as_deref()) {
             Ok(m) => models.push(m),
             Err(e) => {
                 failed = true;

@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::io::{ModelTensors, ShardWriter};
+use crate::io::{ByteSource, ModelTensors, TensorLoc, TensorSink};
 use crate::methods::{self, MergeJob};
 use crate::plan::{InputSource, MergePlan, TensorTask};
 use crate::tensor::Tensor;
@@ -156,6 +156,159 @@ pub fn compute_rows(
     Ok(crate::dtype::encode_par(task.out_dtype, &out.data))
 }
 
+/// Target elements per block of a streamed merge.
+pub const STREAM_BLOCK: usize = 1 << 16;
+
+/// Whether `task` is merged streamed (in blocks, several passes when the
+/// method needs whole-tensor statistics): the method streams this tensor
+/// and every input is a plain tensor of the output's shape. `Some(align)`.
+pub fn streamable(
+    plan: &MergePlan,
+    task: &TensorTask,
+    models: &[ModelTensors],
+    method: &dyn methods::MergeMethod,
+) -> Option<usize> {
+    let numel: usize = task.shape.iter().product();
+    if task.permute
+        || numel < 4 * methods::BLOCK
+        || !task.inputs.iter().all(|i| {
+            i.shape == task.shape
+                && matches!(i.source, InputSource::Tensor(_))
+                && models[i.model].lora.is_none()
+        })
+    {
+        return None;
+    }
+    if let Some(a) = method.stream_align(&task.shape, &task.global, &task.per_model) {
+        return Some(a);
+    }
+    // row-separable methods stream through row blocks
+    splittable(plan, task, models).then(|| task.shape[1..].iter().product::<usize>().max(1))
+}
+
+/// Target elements per row block of a row-separable method.
+const ROW_BLOCK: usize = 1 << 18;
+
+/// Runs a row-separable task in row blocks (blocks in parallel), writing
+/// each block as it finishes.
+fn run_row_blocks(
+    plan: &MergePlan,
+    task: &TensorTask,
+    models: &[ModelTensors],
+    writer: &dyn TensorSink,
+) -> Result<u64> {
+    let rows = task.shape[0];
+    let row_elems = task.shape[1..].iter().product::<usize>().max(1);
+    let step = (ROW_BLOCK / row_elems).clamp(1, rows.max(1));
+    let row_bytes = task.out_bytes() / rows.max(1) as u64;
+    let written = std::sync::atomic::AtomicU64::new(0);
+    (0..rows.div_ceil(step))
+        .into_par_iter()
+        .with_max_len(1)
+        .try_for_each(|b| -> Result<()> {
+            let r0 = b * step;
+            let r1 = (r0 + step).min(rows);
+            let out = compute_rows(plan, task, models, Some((r0, r1)))?;
+            writer.write_part(task.shard, task.slot, r0 as u64 * row_bytes, &out)?;
+            written.fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        })?;
+    Ok(written.into_inner())
+}
+
+/// Plain inputs read in element blocks, cast to the working dtype.
+struct PlainInputs<'a> {
+    inputs: Vec<(&'a dyn ByteSource, &'a TensorLoc)>,
+    working: crate::dtype::DType,
+}
+
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static WRITE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl methods::stream::BlockSource for PlainInputs<'_> {
+    fn read(&self, i: usize, e0: usize, e1: usize, out: &mut Vec<f32>) -> Result<()> {
+        let (src, loc) = self.inputs[i];
+        let sz = loc.dtype.size();
+        READ_BUF.with(|b| -> Result<()> {
+            let mut b = b.borrow_mut();
+            b.resize((e1 - e0) * sz, 0);
+            src.read_at(loc.offset + (e0 * sz) as u64, &mut b)?;
+            loc.dtype.decode(&b, out);
+            Ok(())
+        })?;
+        crate::tensor::cast_slice(out, loc.dtype, self.working);
+        Ok(())
+    }
+}
+
+/// Runs one streamed task, writing output blocks as they finish.
+fn run_streamed(
+    plan: &MergePlan,
+    task: &TensorTask,
+    models: &[ModelTensors],
+    method: &dyn methods::MergeMethod,
+    writer: &dyn TensorSink,
+) -> Result<u64> {
+    let mut inputs = Vec::with_capacity(task.inputs.len());
+    for inp in &task.inputs {
+        let mt = &models[inp.model];
+        let InputSource::Tensor(n) = &inp.source else {
+            return Err(Error::tensor(
+                &task.name,
+                "internal: streamed fused experts",
+            ));
+        };
+        let loc = mt
+            .tensors
+            .get(n)
+            .ok_or_else(|| Error::tensor(n, format!("not present in model {}", mt.label)))?;
+        if loc.shape != inp.shape {
+            return Err(Error::tensor(
+                &task.name,
+                format!("input from {} changed shape since planning", mt.label),
+            ));
+        }
+        inputs.push((mt.shards[loc.shard].as_ref(), loc));
+    }
+    let src = PlainInputs {
+        inputs,
+        working: task.working_dtype,
+    };
+    let out_dt = task.out_dtype;
+    let written = std::sync::atomic::AtomicU64::new(0);
+    let emit = |e0: usize, vals: &[f32]| -> Result<()> {
+        WRITE_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            b.clear();
+            if out_dt == task.working_dtype || out_dt == crate::dtype::DType::BF16 {
+                // bf16 encoding rounds by itself
+                out_dt.encode(vals, &mut b);
+            } else {
+                let mut v = vals.to_vec();
+                crate::tensor::cast_slice(&mut v, task.working_dtype, out_dt);
+                out_dt.encode(&v, &mut b);
+            }
+            written.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            writer.write_part(task.shard, task.slot, (e0 * out_dt.size()) as u64, &b)
+        })
+    };
+    let job = methods::stream::StreamJob {
+        name: &task.name,
+        shape: &task.shape,
+        dtype: task.working_dtype,
+        n_inputs: task.inputs.len(),
+        base: task.base,
+        global: &task.global,
+        per_model: task.per_model.iter().collect(),
+        seed: plan.seed,
+        block: STREAM_BLOCK,
+    };
+    method.merge_streamed(job, &src, &emit)?;
+    Ok(written.into_inner())
+}
+
 /// Progress callback: (tensors done, tensors total, bytes written).
 pub type Progress<'a> = &'a (dyn Fn(usize, usize, u64) + Sync);
 
@@ -164,7 +317,7 @@ pub fn run_tasks(
     plan: &MergePlan,
     which: &[usize],
     models: &[ModelTensors],
-    writer: &ShardWriter,
+    writer: &dyn TensorSink,
     memory_budget: u64,
     progress: Progress,
 ) -> Result<()> {
@@ -186,8 +339,15 @@ pub fn run_tasks(
     let mut units: Vec<Unit> = Vec::new();
     let mut blocks_left: std::collections::HashMap<usize, std::sync::atomic::AtomicUsize> =
         Default::default();
+    let method = methods::get(&plan.method)
+        .ok_or_else(|| Error::msg(format!("unknown method {}", plan.method)))?;
+    let mut streamed: Vec<usize> = Vec::new();
     for &i in which {
         let t = &plan.tensors[i];
+        if streamable(plan, t, models, method.as_ref()).is_some() {
+            streamed.push(i);
+            continue;
+        }
         let wb = t.working_bytes();
         if wb > per_unit && splittable(plan, t, models) {
             let rows = t.shape[0];
@@ -204,6 +364,15 @@ pub fn run_tasks(
             units.push((i, None, wb));
         }
     }
+    let tensor_done = |b: u64| {
+        let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        progress(d, total, b);
+        if stall_after == Some(d) {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+    };
     let mut start = 0;
     while start < units.len() {
         let mut end = start;
@@ -235,17 +404,25 @@ pub fn run_tasks(
                     None => true,
                 };
                 if finished {
-                    let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    progress(d, total, b);
-                    if stall_after == Some(d) {
-                        loop {
-                            std::thread::sleep(std::time::Duration::from_secs(3600));
-                        }
-                    }
+                    tensor_done(b);
                 }
                 Ok(())
             })?;
         start = end;
+    }
+    // streamed tensors: one at a time, blocks in parallel
+    for &i in &streamed {
+        let task = &plan.tensors[i];
+        let n = if method
+            .stream_align(&task.shape, &task.global, &task.per_model)
+            .is_some()
+        {
+            run_streamed(plan, task, models, method.as_ref(), writer)?
+        } else {
+            run_row_blocks(plan, task, models, writer)?
+        };
+        let b = bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+        tensor_done(b);
     }
     Ok(())
 }

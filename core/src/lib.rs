@@ -102,19 +102,19 @@ pub fn free_space(path: &Path) -> Option<u64> {
     (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
 }
 
-/// Runs a whole merge into `out`. Returns the plan that was executed.
-pub fn merge(
+/// Checks a configuration (as `smelt check` does) and plans it; any error
+/// fails, every warning is recorded in the plan.
+fn checked_plan(
     config_path: &Path,
-    out: &Path,
+    out: Option<PathBuf>,
     opts: &MergeOptions,
-    progress: executor::Progress,
-) -> Result<MergePlan> {
+) -> Result<(MergeConfig, Vec<LoadedModel>, MergePlan)> {
     let checked = check::check(
         config_path,
         &check::CheckOptions {
             plan: opts.plan.clone(),
             strict: opts.strict,
-            out: Some(out.to_path_buf()),
+            out,
             memory_budget: opts.memory_budget,
         },
     );
@@ -140,6 +140,17 @@ pub fn merge(
     // every warning, as the check reported it (unknown keys, ignored
     // parameters, skipped inputs, ...)
     plan.warnings = report.problems.iter().map(|p| p.message.clone()).collect();
+    Ok((config, models, plan))
+}
+
+/// Runs a whole merge into `out`. Returns the plan that was executed.
+pub fn merge(
+    config_path: &Path,
+    out: &Path,
+    opts: &MergeOptions,
+    progress: executor::Progress,
+) -> Result<MergePlan> {
+    let (config, models, plan) = checked_plan(config_path, Some(out.to_path_buf()), opts)?;
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -182,6 +193,127 @@ pub fn merge(
     }
 }
 
+/// Runs a whole merge into an [`io::OutputLocation`] (an object-store
+/// prefix). Same plan, executor and bytes as [`merge`]. Order of writes:
+/// config, tokenizer and model card first, then the shards (streamed as
+/// tensors finish), and last the index, so an output without
+/// `model.safetensors.index.json` (or, for one shard, without
+/// `model.safetensors`) is unfinished. On failure everything written is
+/// removed again (best effort) and open uploads are aborted.
+pub fn merge_to(
+    config_path: &Path,
+    out: &dyn io::OutputLocation,
+    opts: &MergeOptions,
+    progress: executor::Progress,
+) -> Result<MergePlan> {
+    let (config, models, plan) = checked_plan(config_path, None, opts)?;
+    let existing = out.list()?;
+    if !existing.is_empty() {
+        if !opts.overwrite {
+            return Err(Error::msg(format!(
+                "output {} exists and is not empty; pass --overwrite to replace it",
+                out.display()
+            )));
+        }
+        // the completeness markers go first, so the old output stops
+        // looking finished before anything else changes
+        let markers = ["model.safetensors.index.json", "model.safetensors"];
+        for m in markers {
+            if existing.iter().any(|e| e == m) {
+                out.delete(m)?;
+            }
+        }
+        for e in existing.iter().filter(|e| !markers.contains(&e.as_str())) {
+            out.delete(e)?;
+        }
+    }
+    let files = side_files(&config, &models, &plan, &out.name(), opts)?;
+    let mut written: Vec<&str> = Vec::new();
+    let result = (|| {
+        for (name, bytes) in &files {
+            written.push(name);
+            out.put(name, bytes)?;
+        }
+        let tensors: Vec<io::ModelTensors> = models.iter().map(|m| m.tensors.clone()).collect();
+        let all: Vec<usize> = (0..plan.tensors.len()).collect();
+        let shards: Vec<usize> = (0..plan.shards.len()).collect();
+        let sink = out.create_shards(&plan.shard_slots(), &shards)?;
+        match executor::run_tasks(
+            &plan,
+            &all,
+            &tensors,
+            sink.as_ref(),
+            opts.memory_budget,
+            progress,
+        ) {
+            Ok(()) => sink.finish()?,
+            Err(e) => {
+                sink.abort();
+                return Err(e);
+            }
+        }
+        if let Some(index) = plan.index_json() {
+            out.put("model.safetensors.index.json", &output::pretty_json(&index))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        // nothing of a failed merge stays behind (best effort): its side
+        // files and any shard that was already complete
+        for name in written {
+            let _ = out.delete(name);
+        }
+        for s in &plan.shards {
+            let _ = out.delete(&s.file_name);
+        }
+        return Err(e);
+    }
+    Ok(plan)
+}
+
+/// The files of an output besides its shards and index, in write order:
+/// config.json, tokenizer files, mergekit_config.yml and README.md.
+pub fn side_files(
+    config: &MergeConfig,
+    models: &[LoadedModel],
+    plan: &MergePlan,
+    out_name: &str,
+    opts: &MergeOptions,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out: Vec<(String, Vec<u8>)> =
+        vec![("config.json".into(), output::pretty_json(&plan.out_config))];
+    if let Some(t) = &plan.tokenizer {
+        let mut files = t.files.clone();
+        if let Some(ct) = &plan.chat_template {
+            tokenizer::apply_chat_template(&mut files, ct);
+        }
+        out.extend(files.into_iter().map(|(n, t)| (n, t.into_bytes())));
+    } else if opts.copy_tokenizer {
+        let mut copied = output::tokenizer_files(models[plan.donor].location.as_ref())?;
+        if let Some(ct) = &plan.chat_template {
+            let mut files: Vec<(String, String)> = copied
+                .iter()
+                .filter(|(n, _)| n.ends_with(".json") || n.ends_with(".jinja"))
+                .filter_map(|(n, b)| String::from_utf8(b.clone()).ok().map(|t| (n.clone(), t)))
+                .collect();
+            copied.retain(|(n, _)| !files.iter().any(|(f, _)| f == n));
+            tokenizer::apply_chat_template(&mut files, ct);
+            copied.extend(files.into_iter().map(|(n, t)| (n, t.into_bytes())));
+        }
+        out.extend(copied);
+    }
+    if opts.write_model_card {
+        out.push((
+            "mergekit_config.yml".into(),
+            config.source_text.as_bytes().to_vec(),
+        ));
+        let method = methods::get(&plan.method).expect("planned method exists");
+        let card = output::model_card(plan, method.as_ref(), &config.source_text, out_name);
+        out.push(("README.md".into(), card.into_bytes()));
+    }
+    Ok(out)
+}
+
 fn write_all(
     config: &MergeConfig,
     models: &[LoadedModel],
@@ -203,45 +335,12 @@ fn write_all(
             &output::pretty_json(&index),
         )?;
     }
-    output::write_file(dir, "config.json", &output::pretty_json(&plan.out_config))?;
-    if let Some(t) = &plan.tokenizer {
-        let mut files = t.files.clone();
-        if let Some(ct) = &plan.chat_template {
-            tokenizer::apply_chat_template(&mut files, ct);
-        }
-        for (name, text) in &files {
-            output::write_file(dir, name, text.as_bytes())?;
-        }
-    } else if opts.copy_tokenizer {
-        let copied = output::copy_tokenizer(&models[plan.donor].dir, dir)?;
-        if let Some(ct) = &plan.chat_template {
-            let mut files: Vec<(String, String)> = copied
-                .iter()
-                .filter(|n| n.ends_with(".json") || n.ends_with(".jinja"))
-                .filter_map(|n| {
-                    std::fs::read_to_string(dir.join(n))
-                        .ok()
-                        .map(|t| (n.clone(), t))
-                })
-                .collect();
-            for (n, _) in &files {
-                let _ = std::fs::remove_file(dir.join(n));
-            }
-            tokenizer::apply_chat_template(&mut files, ct);
-            for (name, text) in &files {
-                output::write_file(dir, name, text.as_bytes())?;
-            }
-        }
-    }
-    if opts.write_model_card {
-        output::write_file(dir, "mergekit_config.yml", config.source_text.as_bytes())?;
-        let method = methods::get(&plan.method).expect("planned method exists");
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "Untitled Model (1)".into());
-        let card = output::model_card(plan, method.as_ref(), &config.source_text, &name);
-        output::write_file(dir, "README.md", card.as_bytes())?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "Untitled Model (1)".into());
+    for (file, bytes) in side_files(config, models, plan, &name, opts)? {
+        output::write_file(dir, &file, &bytes)?;
     }
     Ok(())
 }

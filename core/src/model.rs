@@ -3,8 +3,9 @@
 //! (no tensor data).
 //!
 //! A reference is a local directory (relative paths: the working directory
-//! first, as mergekit does, then the configuration file's folder), or a
-//! Hugging Face id `org/name[@revision]` resolved offline from the local HF
+//! first, as mergekit does, then the configuration file's folder), a URL
+//! (`s3://`, `gs://`, `file://`, `http(s)://`; opened through the resolver
+//! registered with [`crate::io::set_url_resolver`]), or a Hugging Face id `org/name[@revision]` resolved offline from the local HF
 //! cache (`--transformers-cache`, `HF_HUB_CACHE`, `HF_HOME/hub`,
 //! `~/.cache/huggingface/hub`). `model+adapter` applies a PEFT LoRA adapter
 //! to the model's tensors as they are read.
@@ -17,14 +18,15 @@ use serde_json::Value;
 use crate::architecture::{self, Architecture};
 use crate::config::ModelRef;
 use crate::error::{Error, Result};
-use crate::io::ModelTensors;
+use crate::io::{LocalDir, ModelLocation, ModelTensors, is_url, open_location};
 use crate::lora::LoraAdapter;
 
 /// A model opened for planning and reading.
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
     pub reference: ModelRef,
-    pub dir: PathBuf,
+    /// The model's folder (local directory or object-store prefix).
+    pub location: Arc<dyn ModelLocation>,
     pub config: Value,
     pub arch: Option<Arc<Architecture>>,
     pub tensors: ModelTensors,
@@ -124,23 +126,46 @@ pub fn resolve_dir(r: &ModelRef, config_dir: &Path, cache: Option<&Path>) -> Res
     })
 }
 
+/// Finds a model's folder: a URL is opened through the registered
+/// resolver, anything else is resolved as a local directory or HF id.
+pub fn resolve_location(
+    r: &ModelRef,
+    config_dir: &Path,
+    cache: Option<&Path>,
+) -> Result<Arc<dyn ModelLocation>> {
+    if is_url(&r.path) {
+        if let Some(rev) = &r.revision {
+            return Err(Error::msg(format!(
+                "model {r}: a revision (@{rev}) applies to Hugging Face ids, not to URLs"
+            )));
+        }
+        return open_location(&r.path);
+    }
+    Ok(Arc::new(LocalDir::new(resolve_dir(r, config_dir, cache)?)))
+}
+
 /// Loads config.json and tensor headers of one model (and its LoRA adapter).
 pub fn load_model(r: &ModelRef, config_dir: &Path, cache: Option<&Path>) -> Result<LoadedModel> {
-    let dir = resolve_dir(r, config_dir, cache)?;
-    let cpath = dir.join("config.json");
-    let text = std::fs::read_to_string(&cpath).map_err(|e| Error::io(&cpath, e))?;
+    let location = resolve_location(r, config_dir, cache)?;
+    let cpath = location.file_display("config.json");
+    let text = location.read_to_string("config.json")?;
     let mut config: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::format(cpath.display(), format!("not valid JSON: {e}")))?;
+        .map_err(|e| Error::format(&cpath, format!("not valid JSON: {e}")))?;
     if !config.is_object() {
-        return Err(Error::format(cpath.display(), "not a JSON object"));
+        return Err(Error::format(&cpath, "not a JSON object"));
     }
     if let Some(a) = &r.override_architecture {
         config["architectures"] = Value::from(vec![a.clone()]);
     }
     let label = r.to_string();
     let arch = architecture::lookup(&config, &label)?;
-    let mut tensors = ModelTensors::open_dir(&dir, &label)?;
+    let mut tensors = ModelTensors::open(location.as_ref(), &label)?;
     if let Some(l) = &r.lora {
+        if is_url(&l.path) {
+            return Err(Error::msg(format!(
+                "model {r}: LoRA adapters at URLs are not supported yet; use a local adapter directory"
+            )));
+        }
         let ldir = resolve_path(
             &l.path,
             l.revision.as_deref(),
@@ -163,7 +188,7 @@ pub fn load_model(r: &ModelRef, config_dir: &Path, cache: Option<&Path>) -> Resu
     }
     Ok(LoadedModel {
         reference: r.clone(),
-        dir,
+        location,
         config,
         arch,
         tensors,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::io::ModelLocation;
 use crate::methods::MergeMethod;
 use crate::plan::MergePlan;
 
@@ -161,22 +162,20 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "video_preprocessor_config.json",
 ];
 
-/// Copies the donor's tokenizer files that exist. Returns the names copied.
-pub fn copy_tokenizer(donor: &Path, dir: &Path) -> Result<Vec<String>> {
+/// The donor's tokenizer files that exist, with their bytes (copied as
+/// they are). Empty when the donor has no tokenizer at all.
+pub fn tokenizer_files(donor: &dyn ModelLocation) -> Result<Vec<(String, Vec<u8>)>> {
     let mut copied = Vec::new();
-    if !donor.join("tokenizer_config.json").exists()
-        && !donor.join("tokenizer.json").exists()
-        && !donor.join("tokenizer.model").exists()
+    if !donor.exists("tokenizer_config.json")?
+        && !donor.exists("tokenizer.json")?
+        && !donor.exists("tokenizer.model")?
     {
         return Ok(copied);
     }
     for f in TOKENIZER_FILES {
-        let src = donor.join(f);
-        if src.is_file() {
+        if donor.is_file(f)? {
             // copy contents, not permissions (inputs may be read-only)
-            let bytes = fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            write_file(dir, f, &bytes)?;
-            copied.push(f.to_string());
+            copied.push((f.to_string(), donor.read(f)?));
         }
     }
     Ok(copied)

@@ -107,8 +107,18 @@ impl TensorTask {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PlannedModel {
     pub reference: ModelRef,
-    /// Where its files are (a local directory for now).
+    /// Where its files are: a local directory or a URL (reopen with
+    /// [`PlannedModel::open`]).
     pub location: String,
+}
+
+impl PlannedModel {
+    /// Reopens the model's tensors from its location (headers only), as a
+    /// worker does. A LoRA adapter in the reference is not applied here.
+    pub fn open(&self) -> crate::Result<crate::io::ModelTensors> {
+        let loc = crate::io::open_location(&self.location)?;
+        crate::io::ModelTensors::open(loc.as_ref(), &self.reference.to_string())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -538,7 +548,7 @@ pub fn plan_merge(
             .iter()
             .map(|m| PlannedModel {
                 reference: m.reference.clone(),
-                location: m.dir.display().to_string(),
+                location: m.location.display(),
             })
             .collect(),
         tensors: sorted,

@@ -28,22 +28,8 @@ impl Tensor {
 
     /// Casts to another dtype, rounding every value (torch `.to(dtype)`).
     pub fn cast(mut self, dtype: DType) -> Tensor {
-        if dtype != self.dtype {
-            if dtype_narrows(self.dtype, dtype) {
-                use rayon::prelude::*;
-                crate::with_rounding!(dtype, |r| self.data.par_chunks_mut(1 << 15).for_each(|c| {
-                    for v in c {
-                        *v = r.r(*v);
-                    }
-                }));
-                if !dtype.is_float() {
-                    for v in &mut self.data {
-                        *v = dtype.round(*v);
-                    }
-                }
-            }
-            self.dtype = dtype;
-        }
+        cast_slice(&mut self.data, self.dtype, dtype);
+        self.dtype = dtype;
         self
     }
 
@@ -64,6 +50,32 @@ impl Tensor {
 
     pub fn shape_str(&self) -> String {
         format!("{:?}", self.shape)
+    }
+}
+
+/// Casts values held in `from`'s precision to `to`, in place, rounding
+/// every value (what [`Tensor::cast`] does to a tensor's data).
+pub fn cast_slice(data: &mut [f32], from: DType, to: DType) {
+    if to == from || !dtype_narrows(from, to) {
+        return;
+    }
+    use rayon::prelude::*;
+    let par = data.len() > 1 << 16;
+    crate::with_rounding!(to, |r| if par {
+        data.par_chunks_mut(1 << 15).for_each(|c| {
+            for v in c {
+                *v = r.r(*v);
+            }
+        })
+    } else {
+        for v in data.iter_mut() {
+            *v = r.r(*v);
+        }
+    });
+    if !to.is_float() {
+        for v in data.iter_mut() {
+            *v = to.round(*v);
+        }
     }
 }
 

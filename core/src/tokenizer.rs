@@ -54,13 +54,17 @@ fn model_vocab_map(tj: &Value) -> HashMap<String, u32> {
 
 /// Loads a model's tokenizer.json (None when it has none).
 pub fn load_vocab(model: &LoadedModel, arch: &Architecture) -> Result<Option<ModelVocab>> {
-    let p = model.dir.join("tokenizer.json");
-    if !p.exists() {
+    let loc = &model.location;
+    if !loc.exists("tokenizer.json")? {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    let json: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::format(p.display(), format!("not valid JSON: {e}")))?;
+    let text = loc.read_to_string("tokenizer.json")?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| {
+        Error::format(
+            loc.file_display("tokenizer.json"),
+            format!("not valid JSON: {e}"),
+        )
+    })?;
     let mut ids = model_vocab_map(&json);
     let mut added: Vec<Value> = json
         .get("added_tokens")
@@ -231,12 +235,12 @@ pub fn build(
             let v = vocabs[m]
                 .clone()
                 .ok_or_else(|| Error::msg(format!("tokenizer source {r} has no tokenizer.json")))?;
-            (v.json, models[m].dir.clone())
+            (v.json, models[m].location.clone())
         }
         _ => {
             let mut j = base_vocab.json.clone();
             strip(&mut j, base_vocab.vocab_size as u32);
-            (j, models[base].dir.clone())
+            (j, models[base].location.clone())
         }
     };
     let mut ids: HashMap<String, u32> = model_vocab_map(&out_json);
@@ -411,9 +415,8 @@ pub fn build(
         "chat_template.jinja",
         "generation_config.json",
     ] {
-        let p = source_dir.join(f);
-        if p.is_file() {
-            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        if source_dir.is_file(f)? {
+            let text = source_dir.read_to_string(f)?;
             files.push((f.to_string(), text));
         }
     }
@@ -550,7 +553,7 @@ pub fn resolve_chat_template(cfg: &MergeConfig, models: &[LoadedModel]) -> Resul
     if ct == "auto" {
         let mut counts: Vec<(String, usize)> = Vec::new();
         for m in models {
-            if let Some(t) = model_chat_template(&m.dir) {
+            if let Some(t) = model_chat_template(m.location.as_ref()) {
                 let t = t.trim().to_string();
                 if t.is_empty() {
                     continue;
@@ -581,13 +584,17 @@ pub fn resolve_chat_template(cfg: &MergeConfig, models: &[LoadedModel]) -> Resul
     })
 }
 
-fn model_chat_template(dir: &std::path::Path) -> Option<String> {
-    if let Ok(t) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
+fn model_chat_template(dir: &dyn crate::io::ModelLocation) -> Option<String> {
+    if dir.exists("chat_template.jinja").unwrap_or(false)
+        && let Ok(t) = dir.read_to_string("chat_template.jinja")
+    {
         return Some(t);
     }
+    if !dir.exists("tokenizer_config.json").unwrap_or(false) {
+        return None;
+    }
     let tc: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?)
-            .ok()?;
+        serde_json::from_str(&dir.read_to_string("tokenizer_config.json").ok()?).ok()?;
     match tc.get("chat_template")? {
         Value::String(s) => Some(s.clone()),
         Value::Array(a) => a

@@ -7,11 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
+use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::io::source::{ByteSource, LocalFile};
+use crate::io::location::{LocalDir, ModelLocation};
+use crate::io::source::ByteSource;
 use crate::tensor::Tensor;
 
 /// Largest header smelt accepts (the format's own limit is 100 MB).
@@ -19,6 +21,7 @@ const MAX_HEADER: u64 = 100_000_000;
 
 /// Where one tensor's bytes live.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+
 pub struct TensorLoc {
     pub shard: usize,
     pub dtype: DType,
@@ -161,6 +164,13 @@ impl ModelTensors {
     /// Opens a model directory: `model.safetensors` or
     /// `model.safetensors.index.json` (spec §5.2).
     pub fn open_dir(dir: &Path, label: &str) -> Result<ModelTensors> {
+        Self::open(&LocalDir::new(dir), label)
+    }
+
+    /// Opens a model folder (local directory or object-store prefix):
+    /// `model.safetensors` or `model.safetensors.index.json` (spec §5.2),
+    /// else the same for `pytorch_model.bin`.
+    pub fn open(loc: &dyn ModelLocation, label: &str) -> Result<ModelTensors> {
         // mergekit's probe order: safetensors (single or indexed), then .bin
         for (single, reader) in [
             ("model.safetensors", read_header as HeaderReader),
@@ -169,13 +179,12 @@ impl ModelTensors {
                 crate::io::pickle::read_bin_index as HeaderReader,
             ),
         ] {
-            let index = dir.join(format!("{single}.index.json"));
-            if index.exists() {
-                return Self::open_indexed(dir, &index, label, reader);
+            let index = format!("{single}.index.json");
+            if loc.exists(&index)? {
+                return Self::open_indexed(loc, &index, label, reader);
             }
-            let path = dir.join(single);
-            if path.exists() {
-                let src: Arc<dyn ByteSource> = Arc::new(LocalFile::open(&path)?);
+            if loc.exists(single)? {
+                let src: Arc<dyn ByteSource> = loc.open(single)?;
                 let tensors = reader(src.as_ref(), 0)?;
                 return Ok(ModelTensors {
                     label: label.to_string(),
@@ -186,61 +195,71 @@ impl ModelTensors {
             }
         }
         Err(Error::format(
-            dir.display(),
+            loc.display(),
             "no model files: expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json",
         ))
     }
 
     fn open_indexed(
-        dir: &Path,
-        index: &Path,
+        loc: &dyn ModelLocation,
+        index_name: &str,
         label: &str,
         reader: HeaderReader,
     ) -> Result<ModelTensors> {
-        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let index = loc.file_display(index_name);
+        let text = loc.read_to_string(index_name)?;
         let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(index.display(), format!("not valid JSON: {e}")))?;
+            .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
         let wm = v
             .get("weight_map")
             .and_then(|w| w.as_object())
-            .ok_or_else(|| Error::format(index.display(), "no `weight_map` object"))?;
+            .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
         let mut files: BTreeSet<String> = BTreeSet::new();
         let mut map: BTreeMap<String, String> = BTreeMap::new();
         for (t, f) in wm {
             let f = f.as_str().ok_or_else(|| {
-                Error::format(
-                    index.display(),
-                    format!("weight_map[{t}] is not a file name"),
-                )
+                Error::format(&index, format!("weight_map[{t}] is not a file name"))
             })?;
             if f.contains('/') || f.contains("..") {
                 return Err(Error::format(
-                    index.display(),
+                    &index,
                     format!("weight_map[{t}] = {f:?} is not a plain file name"),
                 ));
             }
             files.insert(f.to_string());
             map.insert(t.clone(), f.to_string());
         }
+        // headers are read in parallel (object stores: one round trip per
+        // shard at a time would dominate planning); errors are reported in
+        // file order, as a sequential read would
+        let files: Vec<&String> = files.iter().collect();
+        let opened: Vec<Result<OpenedShard>> = files
+            .par_iter()
+            .enumerate()
+            .map(|(k, f)| {
+                if !loc.exists(f)? {
+                    return Err(Error::format(
+                        &index,
+                        format!("names shard {f}, which does not exist in {}", loc.display()),
+                    ));
+                }
+                let src: Arc<dyn ByteSource> = loc.open(f)?;
+                let h = reader(src.as_ref(), k)?;
+                Ok((src, h))
+            })
+            .collect();
         let mut shards: Vec<Arc<dyn ByteSource>> = Vec::new();
         let mut headers: BTreeMap<String, BTreeMap<String, TensorLoc>> = BTreeMap::new();
-        for f in &files {
-            let p = dir.join(f);
-            if !p.exists() {
-                return Err(Error::format(
-                    index.display(),
-                    format!("names shard {f}, which does not exist in {}", dir.display()),
-                ));
-            }
-            let src: Arc<dyn ByteSource> = Arc::new(LocalFile::open(&p)?);
-            headers.insert(f.clone(), reader(src.as_ref(), shards.len())?);
+        for (f, r) in files.into_iter().zip(opened) {
+            let (src, h) = r?;
+            headers.insert(f.clone(), h);
             shards.push(src);
         }
         let mut tensors = BTreeMap::new();
         for (t, f) in map {
             let loc = headers[&f].get(&t).ok_or_else(|| {
                 Error::format(
-                    index.display(),
+                    &index,
                     format!("lists tensor {t} in shard {f}, but {f} does not contain it"),
                 )
             })?;
@@ -306,3 +325,6 @@ impl ModelTensors {
         }
     }
 }
+
+/// One opened shard file: its bytes and its tensor table.
+type OpenedShard = (Arc<dyn ByteSource>, BTreeMap<String, TensorLoc>);

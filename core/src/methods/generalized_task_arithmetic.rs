@@ -24,11 +24,11 @@ pub enum Consensus {
 }
 
 pub struct GeneralizedTaskArithmetic {
-    name: &'static str,
+    pub(super) name: &'static str,
     pretty: &'static str,
     url: Option<&'static str>,
-    sparsify: Sparsify,
-    consensus: Consensus,
+    pub(super) sparsify: Sparsify,
+    pub(super) consensus: Consensus,
     normalize: bool,
     rescale: bool,
 }
@@ -132,6 +132,22 @@ impl MergeMethod for GeneralizedTaskArithmetic {
     }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         task_vector_shapes(cx)
+    }
+    fn stream_align(
+        &self,
+        shape: &[usize],
+        _global: &ParamValues,
+        _per_model: &[ParamValues],
+    ) -> Option<usize> {
+        GeneralizedTaskArithmetic::stream_align(self, shape)
+    }
+    fn merge_streamed(
+        &self,
+        job: super::stream::StreamJob,
+        src: &dyn super::stream::BlockSource,
+        emit: super::stream::Emit,
+    ) -> Result<()> {
+        self.merge_streamed_impl(job, src, emit)
     }
     fn validate(&self, cx: &ValidateCtx) -> std::result::Result<Vec<String>, String> {
         let warnings = validate_common(cx)?;
@@ -256,78 +272,133 @@ fn combine<R: crate::dtype::Rounding>(
 ) -> Vec<f32> {
     use rayon::prelude::*;
     let n = base.len();
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each_init(CombineScratch::default, |s, (b, o)| {
+            let lo = b * BLOCK;
+            let len = o.len();
+            let ms: Vec<&[f32]> = deltas.iter().map(|d| &d[lo..lo + len]).collect();
+            combine_chunk(
+                r,
+                &base[lo..lo + len],
+                &ms,
+                weights,
+                consensus,
+                normalize,
+                lambda,
+                o,
+                s,
+            );
+        });
+    out
+}
+
+/// Buffers of [`combine_chunk`].
+#[derive(Default)]
+pub struct CombineScratch {
+    wd: Vec<Vec<f32>>,
+    sum: Vec<f32>,
+    maj: Vec<f32>,
+    div: Vec<f32>,
+}
+
+/// The elementwise combination of sparsified deltas `ms` (one slice per
+/// model) with the base: weights, consensus, normalisation, lambda, base add,
+/// each op rounded. Elementwise, so any chunking gives the same bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn combine_chunk<R: crate::dtype::Rounding>(
+    r: R,
+    base: &[f32],
+    ms: &[&[f32]],
+    weights: &[f32],
+    consensus: Consensus,
+    normalize: bool,
+    lambda: f64,
+    o: &mut [f32],
+    s: &mut CombineScratch,
+) {
+    let len = o.len();
     let wsum = r.r(weights.iter().sum::<f32>());
     let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
     let lam = lambda as f32;
-    let mut out = vec![0.0f32; n];
-    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| {
-        let lo = b * BLOCK;
-        let len = o.len();
-        let wd: Vec<Vec<f32>> = deltas
-            .iter()
-            .zip(weights)
-            .map(|(d, w)| d[lo..lo + len].iter().map(|x| r.r(x * w)).collect())
-            .collect();
-        match consensus {
-            Consensus::Sum => {
-                let mut sum = vec![0.0f32; len];
-                for w in &wd {
-                    for (s, x) in sum.iter_mut().zip(w) {
-                        *s += x;
-                    }
-                }
-                // majority sign (zero counts as positive); branch-free so
-                // the loops vectorise: x·maj > 0 ⇔ sign(x) == maj and x ≠ 0
-                let maj: Vec<f32> = sum
-                    .iter()
-                    .map(|s| if r.r(*s) >= 0.0 { 1.0 } else { -1.0 })
-                    .collect();
-                let mut div = vec![0.0f32; len];
-                o.fill(0.0);
-                for (w, wk) in wd.iter().zip(weights) {
-                    for i in 0..len {
-                        let x = w[i];
-                        let agree = x * maj[i] > 0.0;
-                        o[i] += if agree { x } else { 0.0 };
-                        div[i] += if agree { *wk } else { 0.0 };
-                    }
-                }
-                for (oi, dv) in o.iter_mut().zip(div.iter_mut()) {
-                    *oi = r.r(*oi);
-                    let d = r.r(*dv);
-                    *dv = if d == 0.0 { 1.0 } else { d };
-                }
-                if normalize {
-                    for (oi, dv) in o.iter_mut().zip(&div) {
-                        *oi = r.r(*oi / dv);
-                    }
+    while s.wd.len() < ms.len() {
+        s.wd.push(Vec::new());
+    }
+    for ((wd, d), w) in s.wd.iter_mut().zip(ms).zip(weights) {
+        wd.clear();
+        wd.extend(d[..len].iter().map(|x| r.r(x * w)));
+    }
+    let wd = &s.wd[..ms.len()];
+    match consensus {
+        Consensus::Sum => {
+            let sum = &mut s.sum;
+            sum.clear();
+            sum.resize(len, 0.0);
+            for w in wd {
+                for (s, x) in sum.iter_mut().zip(w) {
+                    *s += x;
                 }
             }
-            Consensus::None => {
-                o.fill(0.0);
-                for w in &wd {
-                    for (oi, x) in o.iter_mut().zip(w) {
-                        *oi += x;
-                    }
+            // majority sign (zero counts as positive); branch-free so
+            // the loops vectorise: x·maj > 0 ⇔ sign(x) == maj and x ≠ 0
+            let maj = &mut s.maj;
+            maj.clear();
+            maj.extend(
+                sum.iter()
+                    .map(|s| if r.r(*s) >= 0.0 { 1.0f32 } else { -1.0 }),
+            );
+            let div = &mut s.div;
+            div.clear();
+            div.resize(len, 0.0);
+            o.fill(0.0);
+            for (w, wk) in wd.iter().zip(weights) {
+                let wk = *wk;
+                for (((oi, di), m), x) in o
+                    .iter_mut()
+                    .zip(div.iter_mut())
+                    .zip(maj.iter())
+                    .zip(&w[..len])
+                {
+                    let agree = x * m > 0.0;
+                    *oi += if agree { *x } else { 0.0 };
+                    *di += if agree { wk } else { 0.0 };
                 }
-                for oi in o.iter_mut() {
-                    *oi = r.r(*oi);
-                    if normalize {
-                        *oi = r.r(*oi / plain_div);
-                    }
+            }
+            for (oi, dv) in o.iter_mut().zip(div.iter_mut()) {
+                *oi = r.r(*oi);
+                let d = r.r(*dv);
+                *dv = if d == 0.0 { 1.0 } else { d };
+            }
+            if normalize {
+                for (oi, dv) in o.iter_mut().zip(div.iter()) {
+                    *oi = r.r(*oi / dv);
                 }
             }
         }
-        if lambda != 1.0 {
+        Consensus::None => {
+            o.fill(0.0);
+            for w in wd {
+                for (oi, x) in o.iter_mut().zip(w) {
+                    *oi += x;
+                }
+            }
             for oi in o.iter_mut() {
-                *oi = r.r(*oi * lam);
+                *oi = r.r(*oi);
+                if normalize {
+                    *oi = r.r(*oi / plain_div);
+                }
             }
         }
-        for (oi, bi) in o.iter_mut().zip(&base[lo..lo + len]) {
-            *oi = r.r(bi + *oi);
+    }
+    if lambda != 1.0 {
+        for oi in o.iter_mut() {
+            *oi = r.r(*oi * lam);
         }
-    });
-    out
+    }
+    for (oi, bi) in o.iter_mut().zip(base) {
+        *oi = r.r(bi + *oi);
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::tensor::Tensor;
 
 pub mod arcee_fusion;
 pub mod generalized_task_arithmetic;
+mod gta_stream;
 pub mod karcher;
 pub mod linear;
 pub mod model_stock;
@@ -30,6 +31,7 @@ pub mod ram;
 pub mod sce;
 pub mod slerp;
 pub mod sparsify;
+pub mod stream;
 
 /// Resolved parameter values for one tensor (and one model, for per-model ones).
 pub type ParamValues = BTreeMap<String, f64>;
@@ -196,6 +198,28 @@ pub trait MergeMethod: Send + Sync {
         working
     }
     fn merge(&self, job: MergeJob) -> Result<Tensor>;
+    /// Whether [`MergeMethod::merge_streamed`] can merge a tensor of `shape`
+    /// with these parameters: `Some(alignment)` of its blocks (elements, a
+    /// multiple of [`BLOCK`]), `None` when it must be merged whole.
+    fn stream_align(
+        &self,
+        _shape: &[usize],
+        _global: &ParamValues,
+        _per_model: &[ParamValues],
+    ) -> Option<usize> {
+        None
+    }
+    /// Merges one tensor reading its inputs in blocks (all inputs have the
+    /// output's shape), emitting output blocks; the same values as
+    /// [`MergeMethod::merge`].
+    fn merge_streamed(
+        &self,
+        job: stream::StreamJob,
+        _src: &dyn stream::BlockSource,
+        _emit: stream::Emit,
+    ) -> Result<()> {
+        Err(job.err("internal: this method does not stream"))
+    }
 }
 
 /// What [`MergeMethod::validate`] sees.

@@ -1,0 +1,883 @@
+//! Streamed execution of the task-arithmetic family (see [`super::stream`]):
+//! the same numbers as [`GeneralizedTaskArithmetic::merge`], in O(block)
+//! memory. Passes over the inputs, each only when needed:
+//! 1. radix-select histograms of |Δ| (TIES, breadcrumbs), a second level
+//!    when keys differ below their high 16 bits (not for bfloat16);
+//! 2. per-block counts of boundary keys, when only some of the equal keys at
+//!    the threshold are kept;
+//! 3. L1 sums of Δ and of the masked Δ per [`BLOCK`] (rescaling);
+//! 4. the output.
+
+use super::generalized_task_arithmetic::{
+    CombineScratch, GeneralizedTaskArithmetic, Sparsify, combine_chunk,
+};
+use super::sparsify::abs_key;
+use super::stream::*;
+use super::*;
+use crate::rng::Stream;
+
+/// Largest block alignment (elements) DELLA's row ranking may need before a
+/// tensor is merged whole instead.
+const MAX_ALIGN: usize = 4 << 20;
+
+/// Elements combined at a time (buffers stay in L1/L2).
+const SUB: usize = 4096;
+
+/// How one model's task vector is sparsified.
+enum Sp {
+    /// Δ unchanged.
+    Keep,
+    /// All zeros.
+    Zero,
+    /// Selection `sel` keeps.
+    Top(usize),
+    /// Neither selection `low` nor `high` keeps.
+    Outliers(usize, usize),
+    /// Bernoulli(p).
+    Random(f32),
+    /// DELLA: rank-dependent Bernoulli.
+    Della,
+}
+
+/// Which key a selection ranks by.
+#[derive(Clone, Copy)]
+enum KeyKind {
+    Abs,
+    NotAbs,
+}
+
+impl KeyKind {
+    #[inline(always)]
+    fn key(self, x: f32) -> u32 {
+        match self {
+            KeyKind::Abs => abs_key(x),
+            KeyKind::NotAbs => !abs_key(x),
+        }
+    }
+}
+
+struct Model {
+    input: usize,
+    w: f32,
+    sp: Sp,
+    stream: Stream,
+    /// dtype of the mask/rescale arithmetic (f32 for f16 random methods).
+    mdt: DType,
+    rescale: bool,
+    density: f64,
+    epsilon: f64,
+}
+
+struct Sel {
+    model: usize,
+    kind: KeyKind,
+    s: Selection,
+}
+
+/// DELLA's ranking geometry: ranks along axis 1 per (outer, inner) index.
+struct DellaGeom {
+    len: usize,
+    inner: usize,
+    /// Keep probability by rank, per model.
+    tables: Vec<Vec<f32>>,
+}
+
+impl GeneralizedTaskArithmetic {
+    /// Block alignment for a streamed merge of `shape`, or `None` when the
+    /// tensor must be merged whole.
+    pub(super) fn stream_align(&self, shape: &[usize]) -> Option<usize> {
+        if self.sparsify != Sparsify::DellaMagprune {
+            return Some(BLOCK);
+        }
+        let n: usize = shape.iter().product();
+        let chunk = if shape.len() < 2 {
+            n
+        } else {
+            shape[1] * shape[2..].iter().product::<usize>()
+        };
+        let a = lcm(chunk.max(1), BLOCK);
+        (a <= MAX_ALIGN).then_some(a)
+    }
+
+    pub(super) fn merge_streamed_impl(
+        &self,
+        job: StreamJob,
+        src: &dyn BlockSource,
+        emit: Emit,
+    ) -> Result<()> {
+        let dt = job.dtype;
+        crate::with_rounding!(dt, |rr| self.run(rr, &job, src, emit))
+    }
+
+    fn run<R: crate::dtype::Rounding>(
+        &self,
+        r: R,
+        job: &StreamJob,
+        src: &dyn BlockSource,
+        emit: Emit,
+    ) -> Result<()> {
+        let name = job.name;
+        let n = job.numel();
+        let dt = job.dtype;
+        let align = self
+            .stream_align(job.shape)
+            .ok_or_else(|| job.err("internal: tensor not streamable"))?;
+        let block = block_size(job.block, align);
+        let b = job
+            .base
+            .ok_or_else(|| job.err("the base model is not among this tensor's inputs"))?;
+        let normalize = job.flag("normalize");
+        let rescale = job.flag("rescale");
+        let lambda = job.global("lambda");
+        let others: Vec<usize> = (0..job.n_inputs).filter(|i| *i != b).collect();
+        if others.is_empty() {
+            return for_blocks(n, block, |s, _, e0, e1| {
+                s.ensure(1);
+                src.read(b, e0, e1, &mut s.bufs[0])?;
+                emit(e0, &s.bufs[0])
+            })
+            .map(|_| ());
+        }
+        // per-model plan, as `merge` decides it
+        let mut models: Vec<Model> = Vec::new();
+        let mut sels: Vec<Sel> = Vec::new();
+        for (k, &i) in others.iter().enumerate() {
+            let w = job.model_param(i, "weight").unwrap_or(f64::NAN);
+            let density = job.model_param(i, "density").unwrap_or(1.0);
+            let gamma = job.model_param(i, "gamma").unwrap_or(0.01);
+            let epsilon = job.model_param(i, "epsilon").unwrap_or(0.15);
+            if w.is_nan() {
+                return Err(Error::tensor(
+                    name,
+                    format!("{}: a model has no `weight`", self.name),
+                ));
+            }
+            let stream = Stream::new(job.seed, name, &format!("{}:{k}", self.name));
+            let wdt = if dt == DType::F16 { DType::F32 } else { dt };
+            let mut mdt = dt;
+            let sp = if self.sparsify == Sparsify::None || density >= 1.0 {
+                Sp::Keep
+            } else {
+                match self.sparsify {
+                    Sparsify::None => Sp::Keep,
+                    Sparsify::Magnitude => {
+                        let kk = (density * n as f64) as usize;
+                        if kk == 0 {
+                            return Err(Error::tensor(
+                                name,
+                                format!(
+                                    "density {density} keeps no element of {n} (mergekit refuses to zero out a whole tensor)"
+                                ),
+                            ));
+                        }
+                        sels.push(Sel {
+                            model: k,
+                            kind: KeyKind::Abs,
+                            s: Selection::new(n, kk, true),
+                        });
+                        Sp::Top(sels.len() - 1)
+                    }
+                    Sparsify::Random => {
+                        mdt = wdt;
+                        Sp::Random(density as f32)
+                    }
+                    Sparsify::MagnitudeOutliers => {
+                        let nn = n as i64;
+                        let keep = (nn as f64 * density) as i64;
+                        let mut top = (nn as f64 * gamma) as i64;
+                        let mut bot = nn - keep - top;
+                        if bot < 0 {
+                            top += bot;
+                            bot = 0;
+                        }
+                        if top <= 0 {
+                            Sp::Zero
+                        } else {
+                            sels.push(Sel {
+                                model: k,
+                                kind: KeyKind::NotAbs,
+                                s: Selection::new(n, bot as usize, true),
+                            });
+                            sels.push(Sel {
+                                model: k,
+                                kind: KeyKind::Abs,
+                                s: Selection::new(n, top as usize, false),
+                            });
+                            Sp::Outliers(sels.len() - 2, sels.len() - 1)
+                        }
+                    }
+                    Sparsify::DellaMagprune => {
+                        if density <= 0.0 {
+                            Sp::Zero
+                        } else if !(density - epsilon > 0.0 && density + epsilon < 1.0) {
+                            return Err(Error::tensor(
+                                name,
+                                format!(
+                                    "della: epsilon {epsilon} must be chosen such that density ± epsilon is in (0, 1) (density {density})"
+                                ),
+                            ));
+                        } else {
+                            mdt = wdt;
+                            Sp::Della
+                        }
+                    }
+                }
+            };
+            models.push(Model {
+                input: i,
+                w: r.r(w as f32),
+                sp,
+                stream,
+                mdt,
+                rescale,
+                density,
+                epsilon,
+            });
+        }
+        // DELLA's rank → probability tables
+        let della = {
+            let (len, inner) = if job.shape.len() < 2 {
+                (n, 1)
+            } else {
+                (job.shape[1], job.shape[2..].iter().product::<usize>())
+            };
+            let tables = models
+                .iter()
+                .map(|m| {
+                    if !matches!(m.sp, Sp::Della) {
+                        return Vec::new();
+                    }
+                    let wdt = m.mdt;
+                    let lo = (m.density - m.epsilon) as f32;
+                    let span = (2.0 * m.epsilon) as f32;
+                    let denom = wdt.round((len as f32 - 1.0).max(0.0));
+                    (0..len)
+                        .map(|rank0| {
+                            let rank = wdt.round(wdt.round(rank0 as f32) + 1.0);
+                            let nr = wdt.round(wdt.round(rank - 1.0) / denom).clamp(0.0, 1.0);
+                            wdt.round(wdt.round(nr * span) + lo)
+                        })
+                        .collect()
+                })
+                .collect();
+            DellaGeom { len, inner, tables }
+        };
+
+        let delta = |s: &mut Scratch, m: usize, out: usize, e0: usize, e1: usize| -> Result<()> {
+            // bufs[0] = base (already read), bufs[out] = Δ of model m
+            let mut x = std::mem::take(&mut s.bufs[out]);
+            src.read(models[m].input, e0, e1, &mut x)?;
+            for (xi, bi) in x.iter_mut().zip(&s.bufs[0]) {
+                *xi = r.r(*xi - bi);
+            }
+            s.bufs[out] = x;
+            Ok(())
+        };
+
+        // 1. histograms for the selections
+        let active: Vec<usize> = (0..sels.len())
+            .filter(|&j| !sels[j].s.all() && !sels[j].s.none())
+            .collect();
+        if !active.is_empty() {
+            let sel_models: Vec<usize> = dedup(active.iter().map(|&j| sels[j].model));
+            let hists = hist_pass(n, block, &sel_models, &active, &sels, src, b, &delta, None)?;
+            let mut second: Vec<(usize, u32)> = Vec::new();
+            for (a, &j) in active.iter().enumerate() {
+                let h = &hists[a];
+                let s = &mut sels[j].s;
+                let (hi, cum) = pick_bin(&h.h, s.k as u64);
+                let need = s.k as u64 - cum;
+                if h.lo_or == h.lo_and {
+                    s.thr = ((hi as u32) << 16) | h.lo_or;
+                    s.ties = need;
+                    s.eq_total = h.h[hi];
+                } else {
+                    s.thr = (hi as u32) << 16;
+                    s.ties = need;
+                    second.push((a, hi as u32));
+                }
+            }
+            if !second.is_empty() {
+                let which: Vec<usize> = second.iter().map(|(a, _)| active[*a]).collect();
+                let his: Vec<u32> = second.iter().map(|(_, hi)| *hi).collect();
+                let sm: Vec<usize> = dedup(which.iter().map(|&j| sels[j].model));
+                let h2 = hist_pass(n, block, &sm, &which, &sels, src, b, &delta, Some(&his))?;
+                for (q, &j) in which.iter().enumerate() {
+                    let s = &mut sels[j].s;
+                    let (lo, cum2) = pick_bin(&h2[q].h, s.ties);
+                    s.thr |= lo as u32;
+                    s.ties -= cum2;
+                    s.eq_total = h2[q].h[lo];
+                }
+            }
+            // 2. boundary counts per block
+            let counted: Vec<usize> = active
+                .iter()
+                .copied()
+                .filter(|&j| sels[j].s.needs_counts())
+                .collect();
+            if !counted.is_empty() {
+                let cm: Vec<usize> = dedup(counted.iter().map(|&j| sels[j].model));
+                let slot_of = |m: usize| 1 + cm.iter().position(|x| *x == m).expect("model");
+                let per_block: Vec<Vec<u64>> = for_blocks(n, block, |s, _, e0, e1| {
+                    s.ensure(1 + cm.len());
+                    let mut base = std::mem::take(&mut s.bufs[0]);
+                    src.read(b, e0, e1, &mut base)?;
+                    s.bufs[0] = base;
+                    for (q, &m) in cm.iter().enumerate() {
+                        delta(s, m, q + 1, e0, e1)?;
+                    }
+                    Ok(counted
+                        .iter()
+                        .map(|&j| {
+                            let (kind, thr) = (sels[j].kind, sels[j].s.thr);
+                            s.bufs[slot_of(sels[j].model)]
+                                .iter()
+                                .filter(|x| kind.key(**x) == thr)
+                                .count() as u64
+                        })
+                        .collect())
+                })?;
+                for (q, &j) in counted.iter().enumerate() {
+                    let mut acc = 0u64;
+                    sels[j].s.eq_before = per_block
+                        .iter()
+                        .map(|c| {
+                            let v = acc;
+                            acc += c[q];
+                            v
+                        })
+                        .collect();
+                }
+            }
+        }
+
+        let mask = |s: &mut Scratch, m: usize, slot: usize, bi: usize, e0: usize| {
+            // s.flags ← keep flags of Δ in bufs[slot]
+            let d = &s.bufs[slot];
+            let len = d.len();
+            let model = &models[m];
+            let mut flags = std::mem::take(&mut s.flags);
+            match model.sp {
+                Sp::Keep => {
+                    flags.clear();
+                    flags.resize(len, 1);
+                }
+                Sp::Zero => {
+                    flags.clear();
+                    flags.resize(len, 0);
+                }
+                Sp::Top(j) => {
+                    let kind = sels[j].kind;
+                    sels[j].s.mark(bi, |i| kind.key(d[i]), len, &mut flags);
+                }
+                Sp::Outliers(lo, hi) => {
+                    let kl = sels[lo].kind;
+                    sels[lo].s.mark(bi, |i| kl.key(d[i]), len, &mut flags);
+                    let kh = sels[hi].kind;
+                    let mut fh = std::mem::take(&mut s.flags2);
+                    sels[hi].s.mark(bi, |i| kh.key(d[i]), len, &mut fh);
+                    for (f, h) in flags.iter_mut().zip(&fh) {
+                        *f = (*f == 0 && *h == 0) as u8;
+                    }
+                    s.flags2 = fh;
+                }
+                Sp::Random(p) => {
+                    flags.clear();
+                    flags
+                        .extend((0..len).map(|i| model.stream.bernoulli((e0 + i) as u64, p) as u8));
+                }
+                Sp::Della => {
+                    flags.clear();
+                    flags.resize(len, 0);
+                    della_block(
+                        d,
+                        &della,
+                        &della.tables[m],
+                        model.stream,
+                        e0,
+                        &mut flags,
+                        &mut s.keys,
+                        &mut s.tmp,
+                    );
+                }
+            }
+            s.flags = flags;
+        };
+
+        // 3. rescale sums
+        let mut ratios: Vec<Option<f32>> = vec![None; models.len()];
+        let rescaled: Vec<usize> = (0..models.len())
+            .filter(|&m| models[m].rescale && !matches!(models[m].sp, Sp::Keep | Sp::Zero))
+            .collect();
+        // random masks are kept (one bit per element) for the output pass
+        let mut cached: Vec<Vec<Option<Vec<u64>>>> = Vec::new();
+        if !rescaled.is_empty() {
+            type Sums = (Vec<f64>, Vec<f64>, Option<Vec<u64>>);
+            let per_block: Vec<Vec<Sums>> = for_blocks(n, block, |s, bi, e0, e1| {
+                s.ensure(1 + rescaled.len());
+                let mut base = std::mem::take(&mut s.bufs[0]);
+                src.read(b, e0, e1, &mut base)?;
+                s.bufs[0] = base;
+                let mut res = Vec::with_capacity(rescaled.len());
+                for (q, &m) in rescaled.iter().enumerate() {
+                    delta(s, m, q + 1, e0, e1)?;
+                    mask(s, m, q + 1, bi, e0);
+                    let d = &s.bufs[q + 1];
+                    let f = &s.flags;
+                    let (before, after) = partial_sums2(d, f);
+                    let bits = matches!(models[m].sp, Sp::Random(_) | Sp::Della).then(|| pack(f));
+                    res.push((before, after, bits));
+                }
+                Ok(res)
+            })?;
+            for (q, &m) in rescaled.iter().enumerate() {
+                let mdt = models[m].mdt;
+                let before =
+                    mdt.round(total(per_block.iter().flat_map(|v| v[q].0.iter().copied())) as f32);
+                let after =
+                    mdt.round(total(per_block.iter().flat_map(|v| v[q].1.iter().copied())) as f32);
+                if !(before < 1e-7 || after < 1e-7) {
+                    ratios[m] = Some(mdt.round(before / after));
+                }
+            }
+            cached = per_block
+                .into_iter()
+                .map(|v| {
+                    let mut row: Vec<Option<Vec<u64>>> = vec![None; models.len()];
+                    for (q, (_, _, bits)) in v.into_iter().enumerate() {
+                        row[rescaled[q]] = bits;
+                    }
+                    row
+                })
+                .collect();
+        }
+
+        // 4. output
+        let weights: Vec<f32> = models.iter().map(|m| m.w).collect();
+        let consensus = self.consensus;
+        for_blocks(n, block, |s, bi, e0, e1| {
+            s.ensure(1 + models.len());
+            let mut base = std::mem::take(&mut s.bufs[0]);
+            src.read(b, e0, e1, &mut base)?;
+            s.bufs[0] = base;
+            for m in 0..models.len() {
+                delta(s, m, m + 1, e0, e1)?;
+                if matches!(models[m].sp, Sp::Keep) {
+                    continue;
+                }
+                match cached.get(bi).and_then(|row| row[m].as_ref()) {
+                    Some(bits) => unpack(bits, e1 - e0, &mut s.flags),
+                    None => mask(s, m, m + 1, bi, e0),
+                }
+                let model = &models[m];
+                let d = &mut s.bufs[m + 1];
+                for (x, f) in d.iter_mut().zip(&s.flags) {
+                    *x = if *f != 0 { *x } else { 0.0 };
+                }
+                if let Some(ratio) = ratios[m] {
+                    crate::with_rounding!(model.mdt, |rm| for x in d.iter_mut() {
+                        *x = rm.r(*x * ratio);
+                    });
+                }
+                if model.mdt != dt {
+                    for x in d.iter_mut() {
+                        *x = r.r(*x);
+                    }
+                }
+            }
+            let mut out = std::mem::take(&mut s.out);
+            out.clear();
+            out.resize(e1 - e0, 0.0);
+            let mut cs = CombineScratch::default();
+            {
+                let ms: Vec<&[f32]> = s.bufs[1..1 + models.len()]
+                    .iter()
+                    .map(|v| v.as_slice())
+                    .collect();
+                for (c, o) in out.chunks_mut(SUB).enumerate() {
+                    let lo = c * SUB;
+                    let hi = lo + o.len();
+                    let mc: Vec<&[f32]> = ms.iter().map(|m| &m[lo..hi]).collect();
+                    combine_chunk(
+                        r,
+                        &s.bufs[0][lo..hi],
+                        &mc,
+                        &weights,
+                        consensus,
+                        normalize,
+                        lambda,
+                        o,
+                        &mut cs,
+                    );
+                }
+            }
+            let res = emit(e0, &out);
+            s.out = out;
+            res
+        })?;
+        Ok(())
+    }
+}
+
+impl Selection {
+    pub fn new(n: usize, k: usize, low_first: bool) -> Selection {
+        Selection {
+            n,
+            k,
+            low_first,
+            thr: 0,
+            ties: 0,
+            eq_total: 0,
+            eq_before: Vec::new(),
+        }
+    }
+}
+
+/// [`partial_sums`] of |Δ| and of |Δ| where kept, in one loop (two
+/// independent f64 chains, each in the same order as `sum_by`).
+fn partial_sums2(d: &[f32], f: &[u8]) -> (Vec<f64>, Vec<f64>) {
+    let nb = d.len().div_ceil(BLOCK);
+    let mut before = Vec::with_capacity(nb);
+    let mut after = Vec::with_capacity(nb);
+    for (dc, fc) in d.chunks(BLOCK).zip(f.chunks(BLOCK)) {
+        let (mut a, mut b) = (0.0f64, 0.0f64);
+        for (x, k) in dc.iter().zip(fc) {
+            let v = x.abs() as f64;
+            a += v;
+            b += if *k != 0 { v } else { 0.0 };
+        }
+        before.push(a);
+        after.push(b);
+    }
+    (before, after)
+}
+
+/// Packs keep flags into bits.
+fn pack(f: &[u8]) -> Vec<u64> {
+    f.chunks(64)
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u64, |a, (j, x)| a | (((*x != 0) as u64) << j))
+        })
+        .collect()
+}
+
+/// Unpacks `len` keep flags from bits.
+fn unpack(bits: &[u64], len: usize, f: &mut Vec<u8>) {
+    f.clear();
+    f.extend((0..len).map(|i| ((bits[i / 64] >> (i % 64)) & 1) as u8));
+}
+
+fn dedup(it: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut v: Vec<usize> = Vec::new();
+    for x in it {
+        if !v.contains(&x) {
+            v.push(x);
+        }
+    }
+    v
+}
+
+/// Computes Δ of model `m` for elements `e0..e1` into `bufs[slot]` (the base
+/// being in `bufs[0]`): `(scratch, m, slot, e0, e1)`.
+type DeltaFn<'a> = dyn Fn(&mut Scratch, usize, usize, usize, usize) -> Result<()> + Sync + 'a;
+
+/// One histogram pass: for each selection in `which`, the 16-bit histogram
+/// of key high halves (or, with `his`, of low halves of keys whose high half
+/// is `his[q]`).
+#[allow(clippy::too_many_arguments)]
+fn hist_pass(
+    n: usize,
+    block: usize,
+    sel_models: &[usize],
+    which: &[usize],
+    sels: &[Sel],
+    src: &dyn BlockSource,
+    b: usize,
+    delta: &DeltaFn,
+    his: Option<&[u32]>,
+) -> Result<Vec<Hist>> {
+    use rayon::prelude::*;
+    let nb = n.div_ceil(block);
+    let slot_of = |m: usize| 1 + sel_models.iter().position(|x| *x == m).expect("model");
+    (0..nb)
+        .into_par_iter()
+        .try_fold(
+            || (Scratch::default(), vec![Hist::new(); which.len()]),
+            |(mut s, mut hs), bi| -> Result<_> {
+                let e0 = bi * block;
+                let e1 = (e0 + block).min(n);
+                s.ensure(1 + sel_models.len());
+                let mut base = std::mem::take(&mut s.bufs[0]);
+                src.read(b, e0, e1, &mut base)?;
+                s.bufs[0] = base;
+                for (q, &m) in sel_models.iter().enumerate() {
+                    delta(&mut s, m, q + 1, e0, e1)?;
+                }
+                for (q, &j) in which.iter().enumerate() {
+                    let kind = sels[j].kind;
+                    let d = &s.bufs[slot_of(sels[j].model)];
+                    let h = &mut hs[q];
+                    match his {
+                        None => {
+                            let (mut or, mut and) = (h.lo_or, h.lo_and);
+                            for x in d {
+                                let k = kind.key(*x);
+                                h.h[(k >> 16) as usize] += 1;
+                                or |= k & 0xFFFF;
+                                and &= k & 0xFFFF;
+                            }
+                            h.lo_or = or;
+                            h.lo_and = and;
+                        }
+                        Some(his) => {
+                            let hi = his[q];
+                            for x in d {
+                                let k = kind.key(*x);
+                                if k >> 16 == hi {
+                                    h.h[(k & 0xFFFF) as usize] += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok((s, hs))
+            },
+        )
+        .map(|r| r.map(|(_, hs)| hs))
+        .try_reduce(
+            || vec![Hist::new(); which.len()],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    x.add(y);
+                }
+                Ok(a)
+            },
+        )
+}
+
+/// DELLA keep flags of one block (whole rank chunks): rank |Δ| along axis 1
+/// (ties: lower index first), keep with the rank's probability.
+#[allow(clippy::too_many_arguments)]
+fn della_block(
+    d: &[f32],
+    g: &DellaGeom,
+    table: &[f32],
+    stream: Stream,
+    e0: usize,
+    flags: &mut [u8],
+    keys: &mut Vec<u64>,
+    tmp: &mut Vec<u64>,
+) {
+    let (len, inner) = (g.len, g.inner);
+    let chunk = len * inner;
+    for (o, dc) in d.chunks(chunk).enumerate() {
+        let base = o * chunk;
+        for c in 0..inner {
+            keys.clear();
+            keys.extend((0..len).map(|j| ((abs_key(dc[j * inner + c]) as u64) << 32) | j as u64));
+            radix_sort_hi(keys, tmp);
+            for (rank0, k) in keys.iter().enumerate() {
+                let j = (*k & 0xFFFF_FFFF) as usize;
+                let i = base + j * inner + c;
+                flags[i] = stream.bernoulli((e0 + i) as u64, table[rank0]) as u8;
+            }
+        }
+    }
+}
+
+/// Sorts packed `(key << 32) | index` values whose indices are ascending:
+/// a stable LSD radix sort on the bytes of the key that vary, so the result
+/// equals a full sort of the packed values.
+fn radix_sort_hi(v: &mut Vec<u64>, tmp: &mut Vec<u64>) {
+    let (mut or, mut and) = (0u64, u64::MAX);
+    for x in v.iter() {
+        or |= *x;
+        and &= *x;
+    }
+    let diff = (or ^ and) >> 32;
+    tmp.clear();
+    tmp.resize(v.len(), 0);
+    for byte in 0..4 {
+        let shift = 32 + byte * 8;
+        if (diff >> (byte * 8)) & 0xFF == 0 {
+            continue;
+        }
+        let mut count = [0usize; 256];
+        for x in v.iter() {
+            count[((x >> shift) & 0xFF) as usize] += 1;
+        }
+        let mut pos = [0usize; 256];
+        let mut acc = 0;
+        for (p, c) in pos.iter_mut().zip(&count) {
+            *p = acc;
+            acc += c;
+        }
+        for x in v.iter() {
+            let bkt = ((x >> shift) & 0xFF) as usize;
+            tmp[pos[bkt]] = *x;
+            pos[bkt] += 1;
+        }
+        std::mem::swap(v, tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct VecSource(Vec<Vec<f32>>);
+    impl BlockSource for VecSource {
+        fn read(&self, i: usize, e0: usize, e1: usize, out: &mut Vec<f32>) -> Result<()> {
+            out.clear();
+            out.extend_from_slice(&self.0[i][e0..e1]);
+            Ok(())
+        }
+    }
+
+    /// Inputs with many equal magnitudes (coarse steps), in `dt`'s precision.
+    fn inputs(n: usize, models: usize, dt: DType, seed: u64) -> Vec<Vec<f32>> {
+        let s = Stream::new(seed, "inputs", "x");
+        (0..models)
+            .map(|m| {
+                (0..n)
+                    .map(|i| {
+                        let u = s.uniform((m * n + i) as u64);
+                        let step = if i % 3 == 0 { 64.0 } else { 4096.0 };
+                        dt.round(((u - 0.5) * step).round() / step)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn check(method: &str, dt: DType, shape: &[usize], pm: &[(f64, f64)], extra: &[(&str, f64)]) {
+        let m = get(method).unwrap();
+        let n: usize = shape.iter().product();
+        let mut global: ParamValues = m
+            .global_params()
+            .iter()
+            .filter_map(|p| p.default.map(|d| (p.name.to_string(), d)))
+            .collect();
+        let mut per_model: Vec<ParamValues> = vec![ParamValues::new()];
+        for (w, d) in pm {
+            let mut p: ParamValues =
+                [("weight".to_string(), *w), ("density".to_string(), *d)].into();
+            for (k, v) in extra {
+                if let Some(k) = k.strip_prefix("pm_") {
+                    p.insert(k.to_string(), *v);
+                }
+            }
+            per_model.push(p);
+        }
+        for (k, v) in extra {
+            if !k.starts_with("pm_") {
+                global.insert(k.to_string(), *v);
+            }
+        }
+        let data = inputs(n, pm.len() + 1, dt, n as u64 + pm.len() as u64);
+        let whole = m
+            .merge(MergeJob {
+                name: "model.layers.0.mlp.up_proj.weight",
+                tensors: data
+                    .iter()
+                    .map(|d| Tensor::new(shape.to_vec(), d.clone(), dt))
+                    .collect(),
+                base: Some(0),
+                global: &global,
+                per_model: per_model.iter().collect(),
+                is_embed: false,
+                seed: 7,
+            })
+            .unwrap();
+        let Some(align) = m.stream_align(shape, &global, &per_model) else {
+            // only DELLA refuses, when a rank row is not block-aligned
+            assert!(
+                method.starts_with("della") && shape.len() == 1,
+                "{method} {shape:?}"
+            );
+            return;
+        };
+        let out = Mutex::new(vec![f32::NAN; n]);
+        let src = VecSource(data);
+        let emit = |e0: usize, v: &[f32]| -> Result<()> {
+            out.lock().unwrap()[e0..e0 + v.len()].copy_from_slice(v);
+            Ok(())
+        };
+        m.merge_streamed(
+            StreamJob {
+                name: "model.layers.0.mlp.up_proj.weight",
+                shape,
+                dtype: dt,
+                n_inputs: pm.len() + 1,
+                base: Some(0),
+                global: &global,
+                per_model: per_model.iter().collect(),
+                seed: 7,
+                block: align,
+            },
+            &src,
+            &emit,
+        )
+        .unwrap();
+        let out = out.into_inner().unwrap();
+        let same = whole
+            .data
+            .iter()
+            .zip(&out)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "{method} {dt} {shape:?} {pm:?} {extra:?}: streamed differs"
+        );
+    }
+
+    /// Streamed merges equal whole-tensor merges bit for bit, across block
+    /// boundaries, with many ties at the top-k threshold, for every method
+    /// of the family and every float working dtype.
+    #[test]
+    fn streamed_equals_whole() {
+        let shapes: [&[usize]; 3] = [&[100, 512], &[2 * BLOCK + 123], &[12, 64, 96]];
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            for shape in shapes {
+                let pm = [(0.5, 0.3), (0.7, 0.6)];
+                for method in [
+                    "task_arithmetic",
+                    "ties",
+                    "dare_linear",
+                    "dare_ties",
+                    "breadcrumbs",
+                    "breadcrumbs_ties",
+                    "della",
+                    "della_linear",
+                ] {
+                    let eps: &[(&str, f64)] = if method.starts_with("della") {
+                        &[("pm_epsilon", 0.1)]
+                    } else {
+                        &[]
+                    };
+                    check(method, dt, shape, &pm, eps);
+                }
+                check("ties", dt, shape, &pm, &[("rescale", 1.0), ("lambda", 0.8)]);
+                check(
+                    "dare_ties",
+                    dt,
+                    shape,
+                    &pm,
+                    &[("rescale", 0.0), ("normalize", 1.0)],
+                );
+                check(
+                    "breadcrumbs",
+                    dt,
+                    shape,
+                    &pm,
+                    &[("rescale", 1.0), ("pm_gamma", 0.05)],
+                );
+                check("ties", dt, shape, &[(1.0, 1.0), (0.3, 0.999)], &[]);
+            }
+        }
+    }
+}

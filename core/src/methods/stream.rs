@@ -1,0 +1,250 @@
+//! Streaming execution of methods whose output depends on whole-tensor
+//! statistics (top-k thresholds, L1 sums): the inputs are read in element
+//! blocks, several times if needed — first to gather the statistics, last to
+//! compute and emit the output — so memory stays O(block) whatever the tensor
+//! size, and results are bit-identical to the whole-tensor kernels.
+//!
+//! Determinism: every statistic is either an integer count (order-free) or
+//! an f64 sum made exactly like [`sum_by`] (partial sums over fixed
+//! [`BLOCK`]-element blocks, combined in block order), and blocks are
+//! multiples of [`BLOCK`], so the thread count never changes a bit.
+
+use rayon::prelude::*;
+
+use super::*;
+
+/// Where a streamed method reads its inputs from.
+pub trait BlockSource: Sync {
+    /// Elements `e0..e1` (flat index) of input `i` (configuration order),
+    /// cast to the working dtype, into `out` (resized to `e1 - e0`).
+    fn read(&self, i: usize, e0: usize, e1: usize, out: &mut Vec<f32>) -> Result<()>;
+}
+
+/// Receives output elements starting at flat index `e0` (any order).
+pub type Emit<'a> = &'a (dyn Fn(usize, &[f32]) -> Result<()> + Sync);
+
+/// One output tensor's streamed merge (all inputs have the output's shape).
+pub struct StreamJob<'a> {
+    pub name: &'a str,
+    pub shape: &'a [usize],
+    /// The working dtype (of every input, as read).
+    pub dtype: DType,
+    pub n_inputs: usize,
+    pub base: Option<usize>,
+    pub global: &'a ParamValues,
+    pub per_model: Vec<&'a ParamValues>,
+    pub seed: u64,
+    /// Target elements per block (rounded to the method's alignment).
+    pub block: usize,
+}
+
+impl StreamJob<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn model_param(&self, i: usize, k: &str) -> Option<f64> {
+        self.per_model[i].get(k).copied()
+    }
+    pub fn flag(&self, k: &str) -> bool {
+        self.global.get(k).is_some_and(|v| *v != 0.0)
+    }
+    pub fn global(&self, k: &str) -> f64 {
+        self.global.get(k).copied().unwrap_or(f64::NAN)
+    }
+    pub fn err(&self, msg: impl Into<String>) -> Error {
+        Error::tensor(self.name, msg)
+    }
+}
+
+/// Block boundaries: `n` elements in blocks of about `target` elements that
+/// are multiples of `align` (itself a multiple of [`BLOCK`]).
+pub fn block_size(target: usize, align: usize) -> usize {
+    (target / align).max(1) * align
+}
+
+/// Least common multiple.
+pub fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    a / gcd(a, b) * b
+}
+
+/// Per-thread buffers of a block pass.
+#[derive(Default)]
+pub struct Scratch {
+    pub bufs: Vec<Vec<f32>>,
+    pub out: Vec<f32>,
+    pub keys: Vec<u64>,
+    pub tmp: Vec<u64>,
+    pub flags: Vec<u8>,
+    pub flags2: Vec<u8>,
+}
+
+impl Scratch {
+    /// Makes sure `k` input buffers exist.
+    pub fn ensure(&mut self, k: usize) {
+        while self.bufs.len() < k {
+            self.bufs.push(Vec::new());
+        }
+    }
+}
+
+/// Runs `f(scratch, block index, e0, e1)` over every block in parallel;
+/// results in block order.
+pub fn for_blocks<T: Send>(
+    n: usize,
+    block: usize,
+    f: impl Fn(&mut Scratch, usize, usize, usize) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let nb = n.div_ceil(block);
+    (0..nb)
+        .into_par_iter()
+        .with_max_len(1)
+        .map_init(Scratch::default, |s, b| {
+            let e0 = b * block;
+            f(s, b, e0, (e0 + block).min(n))
+        })
+        .collect()
+}
+
+/// Exactly [`sum_by`]'s per-[`BLOCK`] partial sums of `f(i)` over a slice
+/// that starts at a multiple of [`BLOCK`].
+pub fn partial_sums(len: usize, f: impl Fn(usize) -> f64) -> Vec<f64> {
+    (0..len.div_ceil(BLOCK))
+        .map(|b| {
+            let lo = b * BLOCK;
+            let hi = (lo + BLOCK).min(len);
+            let mut s = 0.0f64;
+            for i in lo..hi {
+                s += f(i);
+            }
+            s
+        })
+        .collect()
+}
+
+/// Combines per-block partial sums the way [`sum_by`] does.
+pub fn total(parts: impl IntoIterator<Item = f64>) -> f64 {
+    parts.into_iter().sum()
+}
+
+/// A streamed `select_largest` ([`super::sparsify::select_largest`]): the
+/// `k` largest keys of `n`, boundary ties taken in index order from one end.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    pub n: usize,
+    pub k: usize,
+    pub low_first: bool,
+    /// Keys strictly above `thr` are selected.
+    pub thr: u32,
+    /// How many keys equal to `thr` are selected.
+    pub ties: u64,
+    /// How many keys equal `thr` in the whole tensor.
+    pub eq_total: u64,
+    /// Per block: keys equal to `thr` in earlier blocks (when needed).
+    pub eq_before: Vec<u64>,
+}
+
+impl Selection {
+    pub fn all(&self) -> bool {
+        self.k >= self.n
+    }
+    pub fn none(&self) -> bool {
+        self.k == 0
+    }
+    /// Whether per-block counts of boundary keys are needed.
+    pub fn needs_counts(&self) -> bool {
+        !self.all() && !self.none() && self.ties != 0 && self.ties != self.eq_total
+    }
+    /// Marks the selected elements of block `b` (keys in `keys`, `sel` out).
+    pub fn mark(&self, b: usize, keys: impl Fn(usize) -> u32, len: usize, sel: &mut Vec<u8>) {
+        sel.clear();
+        if self.all() {
+            sel.resize(len, 1);
+            return;
+        }
+        if self.none() {
+            sel.resize(len, 0);
+            return;
+        }
+        let thr = self.thr;
+        sel.extend((0..len).map(|i| (keys(i) > thr) as u8));
+        if self.ties == 0 {
+            return;
+        }
+        if self.ties == self.eq_total {
+            for (i, s) in sel.iter_mut().enumerate() {
+                if keys(i) == thr {
+                    *s = 1;
+                }
+            }
+            return;
+        }
+        // global position among the equal keys decides
+        let mut pos = self.eq_before[b];
+        let take_from = if self.low_first {
+            0
+        } else {
+            self.eq_total - self.ties
+        };
+        let take_to = if self.low_first {
+            self.ties
+        } else {
+            self.eq_total
+        };
+        for (i, s) in sel.iter_mut().enumerate() {
+            if keys(i) == thr {
+                if pos >= take_from && pos < take_to {
+                    *s = 1;
+                }
+                pos += 1;
+            }
+        }
+    }
+}
+
+/// 16-bit histograms of keys (high half, or the low half of keys whose high
+/// half is `hi`), plus the OR and AND of low halves seen.
+#[derive(Clone)]
+pub struct Hist {
+    pub h: Vec<u64>,
+    pub lo_or: u32,
+    pub lo_and: u32,
+}
+
+impl Hist {
+    pub fn new() -> Hist {
+        Hist {
+            h: vec![0; 1 << 16],
+            lo_or: 0,
+            lo_and: 0xFFFF,
+        }
+    }
+    pub fn add(&mut self, o: &Hist) {
+        for (a, b) in self.h.iter_mut().zip(&o.h) {
+            *a += b;
+        }
+        self.lo_or |= o.lo_or;
+        self.lo_and &= o.lo_and;
+    }
+}
+
+impl Default for Hist {
+    fn default() -> Self {
+        Hist::new()
+    }
+}
+
+/// First level of the radix select: from the histogram of high halves,
+/// (hi bin, count above it).
+pub fn pick_bin(h: &[u64], k: u64) -> (usize, u64) {
+    let mut cum = 0u64;
+    for b in (0..h.len()).rev() {
+        if cum + h[b] >= k {
+            return (b, cum);
+        }
+        cum += h[b];
+    }
+    (0, cum)
+}
