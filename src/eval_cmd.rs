@@ -86,6 +86,81 @@ struct EvalBenchArgs {
     /// Padded tokens per forward pass.
     #[arg(long, default_value_t = smelt_eval::logprobs::DEFAULT_BATCH_TOKENS)]
     batch_tokens: usize,
+    /// Also time transformers (float32, CPU) on the same work with this
+    /// Python (which needs torch and transformers), and report the ratio.
+    #[arg(long, value_name = "PYTHON")]
+    compare_transformers: Option<PathBuf>,
+    /// First write a random 100M-parameter Llama (float32: 8 layers, hidden
+    /// 768, GQA 12/4 heads, intermediate 2048, vocab 32000) to MODEL, unless
+    /// MODEL already has a config.json.
+    #[arg(long)]
+    random_llama_100m: bool,
+}
+
+/// The transformers side of `smelt eval bench --compare-transformers`.
+const BENCH_TRANSFORMERS_PY: &str = include_str!("../scripts/bench_transformers.py");
+
+fn random_llama_100m(dir: &std::path::Path) -> anyhow::Result<()> {
+    if dir.join("config.json").exists() {
+        return Ok(());
+    }
+    let spec = smelt_core::synth::LlamaSpec {
+        layers: 8,
+        hidden: 768,
+        intermediate: 2048,
+        vocab: 32000,
+        heads: 12,
+        kv_heads: 4,
+        dtype: smelt_core::DType::F32,
+        lm_head: true,
+        shard_bytes: 1 << 30,
+    };
+    let params: usize = spec
+        .tensors()
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    eprintln!(
+        "writing a random Llama ({params} parameters) to {}",
+        dir.display()
+    );
+    smelt_core::synth::write_llama(dir, &spec, 1, 0, 0.0)
+        .map_err(|e| anyhow::anyhow!("writing the random model: {e}"))
+}
+
+/// Runs the embedded transformers benchmark; its JSON line.
+fn bench_transformers(
+    python: &std::path::Path,
+    a: &EvalBenchArgs,
+) -> anyhow::Result<serde_json::Value> {
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("bench_transformers.py");
+    std::fs::write(&script, BENCH_TRANSFORMERS_PY)?;
+    let o = std::process::Command::new(python)
+        .arg(&script)
+        .arg(&a.model)
+        .args(["--sequences", &a.sequences.to_string()])
+        .args(["--seq-len", &a.seq_len.to_string()])
+        .args(["--repeat", &a.repeat.to_string()])
+        .args(["--batch-tokens", &a.batch_tokens.to_string()])
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--compare-transformers: cannot run {}: {e}",
+                python.display()
+            )
+        })?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out.lines().rev().find(|l| l.trim_start().starts_with('{'));
+    match (o.status.success(), line) {
+        (true, Some(l)) => Ok(serde_json::from_str(l)?),
+        _ => anyhow::bail!(
+            "--compare-transformers: {} failed ({}); it needs torch and transformers:\n{}",
+            python.display(),
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim_end()
+        ),
+    }
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
@@ -183,6 +258,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         EvalCommand::Bench(a) => {
+            if a.random_llama_100m {
+                random_llama_100m(&a.model)?;
+            }
             let t0 = Instant::now();
             let loaded = smelt_eval::load_model(&a.model, &dev)?;
             let load_s = t0.elapsed().as_secs_f64();
@@ -207,18 +285,24 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let c = &loaded.model.config;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "model": a.model.display().to_string(),
-                    "layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size,
-                    "sequences": a.sequences, "seq_len": a.seq_len,
-                    "load_s": load_s, "best_s": best,
-                    "tokens_per_s": (a.sequences * a.seq_len.max(2)) as f64 / best,
-                    "scored_tokens": scored,
-                    "threads": rayon::current_num_threads(),
-                })
-            );
+            let tps = (a.sequences * a.seq_len.max(2)) as f64 / best;
+            let mut report = serde_json::json!({
+                "model": a.model.display().to_string(),
+                "layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size,
+                "sequences": a.sequences, "seq_len": a.seq_len,
+                "load_s": load_s, "best_s": best,
+                "tokens_per_s": tps,
+                "scored_tokens": scored,
+                "threads": rayon::current_num_threads(),
+            });
+            if let Some(py) = &a.compare_transformers {
+                drop(loaded);
+                let t = bench_transformers(py, &a)?;
+                let ttps = t["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+                report["transformers"] = t;
+                report["ratio_vs_transformers"] = serde_json::json!(tps / ttps);
+            }
+            println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -483,3 +483,117 @@ fn external_command_scores_and_failures() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("candidate failed"), "{}", stderr(&o));
 }
+
+/// `smelt eval score MODEL TASK` → the metric `key`.
+fn score_metric(model: &Path, task: &Path, key: &str) -> f64 {
+    let m = model.display().to_string();
+    let t = task.display().to_string();
+    let v: Value =
+        serde_json::from_str(ok(&run(&["score", &m, &t])).trim()).expect("one JSON object");
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {key} in {v} for {m} on {t}"))
+}
+
+/// The committed fixture models, scored by the engine (not the fixtures'
+/// own scorer): each skill fine-tune is good at its skill and bad at the
+/// other's.
+#[test]
+fn fixture_skill_models_score_as_documented() {
+    let fx = common::repo().join("fixtures");
+    let task = |n: &str| fx.join(format!("tasks/{n}_heldout.jsonl"));
+    let model = |n: &str| fx.join(format!("models/{n}"));
+    for (own, other) in [("reverse", "sort"), ("sort", "reverse")] {
+        let good = score_metric(&model(own), &task(own), "exact_match");
+        let bad = score_metric(&model(other), &task(own), "exact_match");
+        assert!(good >= 0.9, "{own} on its own skill: {good}");
+        assert!(bad <= 0.3, "{other} on {own}: {bad}");
+    }
+}
+
+/// A linear ½/½ `smelt merge` of the two language fine-tunes beats both
+/// parents on the combined held-out mean log-probability.
+#[test]
+fn half_half_merge_of_fixture_languages_beats_both_parents() {
+    let fx = common::repo().join("fixtures");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("merge.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "models:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\nmerge_method: linear\ndtype: float32\n",
+            a = fx.join("models/lang_a").display(),
+            b = fx.join("models/lang_b").display()
+        ),
+    )
+    .unwrap();
+    let merged = tmp.path().join("merged");
+    common::assert_ok(&common::merge(tmp.path(), &cfg, &merged, &[]));
+    let combined = |m: &Path| {
+        ["lang_a", "lang_b"]
+            .iter()
+            .map(|l| {
+                score_metric(
+                    m,
+                    &fx.join(format!("tasks/{l}_heldout.jsonl")),
+                    "mean_logprob",
+                )
+            })
+            .sum::<f64>()
+            / 2.0
+    };
+    let (a, b, m) = (
+        combined(&fx.join("models/lang_a")),
+        combined(&fx.join("models/lang_b")),
+        combined(&merged),
+    );
+    assert!(m > a && m > b, "merge {m} vs parents {a} / {b}");
+}
+
+/// `smelt eval bench --compare-transformers PY` runs the embedded script
+/// with PY and reports the ratio; here PY is a stand-in that reports a
+/// fixed throughput, so the ratio is checked exactly. A PY that fails gives
+/// a clear error.
+#[test]
+fn eval_bench_compares_with_the_given_python() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = tmp.path().join("fake-python");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n# $1 is the script; check it is the transformers benchmark\ngrep -q AutoModelForCausalLM \"$1\" || exit 3\necho '{\"engine\": \"transformers\", \"tokens_per_s\": 100.0}'\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let model = common::repo().join("fixtures/models/sort");
+    let m = model.display().to_string();
+    let f = fake.display().to_string();
+    let args = [
+        "bench",
+        &m,
+        "--sequences",
+        "2",
+        "--seq-len",
+        "16",
+        "--repeat",
+        "1",
+    ];
+    let mut with = args.to_vec();
+    with.extend(["--compare-transformers", &f]);
+    let v: Value = serde_json::from_str(ok(&run(&with)).trim()).unwrap();
+    let tps = v["tokens_per_s"].as_f64().unwrap();
+    assert!(tps > 0.0);
+    assert_eq!(v["transformers"]["tokens_per_s"], 100.0);
+    let ratio = v["ratio_vs_transformers"].as_f64().unwrap();
+    assert!((ratio - tps / 100.0).abs() < 1e-9, "{v}");
+
+    let mut bad = args.to_vec();
+    bad.extend(["--compare-transformers", "/bin/false"]);
+    let o = run(&bad);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("torch and transformers"),
+        "{}",
+        stderr(&o)
+    );
+}

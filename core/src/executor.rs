@@ -176,6 +176,7 @@ pub fn streamable(
                 && matches!(i.source, InputSource::Tensor(_))
                 && models[i.model].lora.is_none()
         })
+        || !small_reads_are_cheap(task, models)
     {
         return None;
     }
@@ -184,6 +185,21 @@ pub fn streamable(
     }
     // row-separable methods stream through row blocks
     splittable(plan, task, models).then(|| task.shape[1..].iter().product::<usize>().max(1))
+}
+
+/// Whether every input of `task` lives where small reads are cheap (see
+/// [`ByteSource::small_reads_are_cheap`]).
+fn small_reads_are_cheap(task: &TensorTask, models: &[ModelTensors]) -> bool {
+    task.inputs.iter().all(|i| {
+        let m = &models[i.model];
+        let InputSource::Tensor(n) = &i.source else {
+            return true;
+        };
+        m.tensors
+            .get(n)
+            .and_then(|loc| m.shards.get(loc.shard))
+            .is_none_or(|s| s.small_reads_are_cheap())
+    })
 }
 
 /// Target elements per row block of a row-separable method.

@@ -173,4 +173,7 @@ impl ByteSource for ObjectSource {
     fn name(&self) -> String {
         self.name.clone()
     }
+    fn small_reads_are_cheap(&self) -> bool {
+        false
+    }
 }

@@ -19,6 +19,13 @@ pub trait ByteSource: Send + Sync + std::fmt::Debug {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// A human-readable name (path or URL) for error messages.
     fn name(&self) -> String;
+    /// Whether many small positioned reads are cheap (a local file).
+    /// Sources that pay a round trip per request (object stores) say no:
+    /// the executor then reads each input tensor whole, in large concurrent
+    /// ranges, instead of streaming it in small blocks over several passes.
+    fn small_reads_are_cheap(&self) -> bool {
+        true
+    }
 }
 
 /// A local file read with positioned reads (no mapping: resident memory

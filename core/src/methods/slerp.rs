@@ -74,6 +74,103 @@ impl MergeMethod for Slerp {
         let data = slerp(t, &v0.data, &v1.data);
         Ok(Tensor::new(shape, data, v0.dtype).cast(dt))
     }
+    fn stream_align(
+        &self,
+        _shape: &[usize],
+        _global: &ParamValues,
+        _per_model: &[ParamValues],
+    ) -> Option<usize> {
+        Some(BLOCK)
+    }
+    /// Three passes over the inputs: the two norms, the dot product of the
+    /// normalised vectors, then the output — partial sums per [`BLOCK`] in
+    /// block order, exactly as [`slerp`]'s `sum_by`, so the bytes are those
+    /// of the whole-tensor merge.
+    fn merge_streamed(
+        &self,
+        job: stream::StreamJob,
+        src: &dyn stream::BlockSource,
+        emit: stream::Emit,
+    ) -> Result<()> {
+        use stream::{block_size, for_blocks, partial_sums, total};
+        let n = job.numel();
+        let block = block_size(job.block, BLOCK);
+        if job.n_inputs == 1 {
+            return for_blocks(n, block, |s, _, e0, e1| {
+                s.ensure(1);
+                src.read(0, e0, e1, &mut s.bufs[0])?;
+                emit(e0, &s.bufs[0])
+            })
+            .map(|_| ());
+        }
+        if job.n_inputs != 2 {
+            return Err(job.err(format!(
+                "slerp merge expects exactly two models, got {}",
+                job.n_inputs
+            )));
+        }
+        let b0 = job
+            .base
+            .ok_or_else(|| job.err("slerp: base model not in input tensors"))?;
+        let b1 = 1 - b0;
+        let t = job.global("t");
+        // pass 1: squared norms
+        let parts = for_blocks(n, block, |s, _, e0, e1| {
+            s.ensure(2);
+            let (x, rest) = s.bufs.split_at_mut(1);
+            src.read(b0, e0, e1, &mut x[0])?;
+            src.read(b1, e0, e1, &mut rest[0])?;
+            let (v0, v1) = (&x[0], &rest[0]);
+            Ok((
+                partial_sums(v0.len(), |i| (v0[i] as f64) * (v0[i] as f64)),
+                partial_sums(v1.len(), |i| (v1[i] as f64) * (v1[i] as f64)),
+            ))
+        })?;
+        let n0 = total(parts.iter().flat_map(|p| p.0.iter().copied())).sqrt() as f32;
+        let n1 = total(parts.iter().flat_map(|p| p.1.iter().copied())).sqrt() as f32;
+        let eps = 1e-8f32;
+        let s0 = if n0 > eps { n0 } else { 1.0 };
+        let s1 = if n1 > eps { n1 } else { 1.0 };
+        // pass 2: dot product of the normalised vectors
+        let parts = for_blocks(n, block, |s, _, e0, e1| {
+            s.ensure(2);
+            let (x, rest) = s.bufs.split_at_mut(1);
+            src.read(b0, e0, e1, &mut x[0])?;
+            src.read(b1, e0, e1, &mut rest[0])?;
+            let (v0, v1) = (&x[0], &rest[0]);
+            Ok(partial_sums(v0.len(), |i| {
+                ((v0[i] / s0) * (v1[i] / s1)) as f64
+            }))
+        })?;
+        let dot = total(parts.into_iter().flatten()) as f32;
+        let (c0, c1) = coefficients(t, dot);
+        // pass 3: the output
+        for_blocks(n, block, |s, _, e0, e1| {
+            s.ensure(2);
+            let (x, rest) = s.bufs.split_at_mut(1);
+            src.read(b0, e0, e1, &mut x[0])?;
+            src.read(b1, e0, e1, &mut rest[0])?;
+            let (v0, v1) = (&x[0], &rest[0]);
+            s.out.clear();
+            s.out
+                .extend(v0.iter().zip(v1).map(|(a, b)| c0 * a + c1 * b));
+            emit(e0, &s.out)
+        })
+        .map(|_| ())
+    }
+}
+
+/// The interpolation coefficients of `v0` and `v1` for the dot product of
+/// their normalised vectors: linear when they are nearly colinear.
+fn coefficients(t: f64, dot: f32) -> (f32, f32) {
+    if dot.abs() > DOT_THRESHOLD {
+        return ((1.0 - t) as f32, t as f32);
+    }
+    let theta0 = dot.acos();
+    let sin0 = theta0.sin();
+    let theta_t = theta0 * t as f32;
+    let sin_t = theta_t.sin();
+    ((theta0 - theta_t).sin() / sin0, sin_t / sin0)
 }
 
 /// mergekit's numpy slerp in f32: returns f32 values.
@@ -84,17 +181,7 @@ pub fn slerp(t: f64, v0: &[f32], v1: &[f32]) -> Vec<f32> {
     let s0 = if n0 > eps { n0 } else { 1.0 };
     let s1 = if n1 > eps { n1 } else { 1.0 };
     let dot = sum_by(v0.len(), |i| ((v0[i] / s0) * (v1[i] / s1)) as f64) as f32;
-    if dot.abs() > DOT_THRESHOLD {
-        let a = (1.0 - t) as f32;
-        let b = t as f32;
-        return map_n(v0.len(), |i| a * v0[i] + b * v1[i]);
-    }
-    let theta0 = dot.acos();
-    let sin0 = theta0.sin();
-    let theta_t = theta0 * t as f32;
-    let sin_t = theta_t.sin();
-    let c0 = (theta0 - theta_t).sin() / sin0;
-    let c1 = sin_t / sin0;
+    let (c0, c1) = coefficients(t, dot);
     map_n(v0.len(), |i| c0 * v0[i] + c1 * v1[i])
 }
 
@@ -111,6 +198,96 @@ mod tests {
             let r1 = slerp(1.0, &a, &b);
             for (x, y) in r1.iter().zip(&b) {
                 prop_assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "{} vs {}", x, y);
+            }
+        }
+    }
+
+    /// The streamed merge equals the whole-tensor one bit for bit, across
+    /// block boundaries, for every float working dtype, with the base first
+    /// or second, nearly colinear inputs (the linear branch) and one input.
+    #[test]
+    fn streamed_equals_whole() {
+        use std::sync::Mutex;
+        struct Src(Vec<Vec<f32>>);
+        impl stream::BlockSource for Src {
+            fn read(&self, i: usize, e0: usize, e1: usize, out: &mut Vec<f32>) -> Result<()> {
+                out.clear();
+                out.extend_from_slice(&self.0[i][e0..e1]);
+                Ok(())
+            }
+        }
+        let global: ParamValues = [("t".to_string(), 0.3)].into();
+        let pm = [ParamValues::new(), ParamValues::new()];
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            for shape in [vec![100usize, 512], vec![2 * BLOCK + 123]] {
+                for (colinear, base, inputs) in
+                    [(false, 0, 2), (true, 0, 2), (false, 1, 2), (false, 0, 1)]
+                {
+                    let n: usize = shape.iter().product();
+                    let data: Vec<Vec<f32>> = (0..inputs)
+                        .map(|m| {
+                            (0..n)
+                                .map(|i| {
+                                    let x = ((i * 7919 + 13) % 1000) as f32 / 1000.0 - 0.5;
+                                    let y = ((i * 104_729 + m * 31) % 997) as f32 / 997.0 - 0.5;
+                                    dt.round(if colinear {
+                                        x * (1.0 + m as f32)
+                                    } else if m == 0 {
+                                        x
+                                    } else {
+                                        y
+                                    })
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let job = |tensors| MergeJob {
+                        name: "w",
+                        tensors,
+                        base: Some(base.min(inputs - 1)),
+                        global: &global,
+                        per_model: pm[..inputs].iter().collect(),
+                        is_embed: false,
+                        seed: 0,
+                    };
+                    let whole = Slerp
+                        .merge(job(data
+                            .iter()
+                            .map(|d| Tensor::new(shape.clone(), d.clone(), dt))
+                            .collect()))
+                        .unwrap();
+                    let out = Mutex::new(vec![f32::NAN; n]);
+                    let emit = |e0: usize, v: &[f32]| -> Result<()> {
+                        out.lock().unwrap()[e0..e0 + v.len()].copy_from_slice(v);
+                        Ok(())
+                    };
+                    Slerp
+                        .merge_streamed(
+                            stream::StreamJob {
+                                name: "w",
+                                shape: &shape,
+                                dtype: dt,
+                                n_inputs: inputs,
+                                base: Some(base.min(inputs - 1)),
+                                global: &global,
+                                per_model: pm[..inputs].iter().collect(),
+                                seed: 0,
+                                block: BLOCK,
+                            },
+                            &Src(data),
+                            &emit,
+                        )
+                        .unwrap();
+                    let out = out.into_inner().unwrap();
+                    assert!(
+                        whole
+                            .data
+                            .iter()
+                            .zip(&out)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dt} {shape:?} colinear {colinear} base {base} inputs {inputs}"
+                    );
+                }
             }
         }
     }
