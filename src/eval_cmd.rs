@@ -163,7 +163,20 @@ fn bench_transformers(
     }
 }
 
+/// Keeps freed tensor buffers in the heap: the decoder allocates and frees
+/// buffers of tens of MB per op, which glibc would otherwise hand back to
+/// the kernel and fault in (zeroed) again on the next op.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before heavy use.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    keep_freed_memory();
     let dev = candle_device();
     match args.command {
         EvalCommand::Logprobs(a) => {
