@@ -745,3 +745,58 @@ fn unknown_architectures_are_inferred_from_tensor_names() {
         "every tensor is merged"
     );
 }
+
+/// The vectorised kernels (AVX2 / AVX-512, picked at run time) give the same
+/// bytes as the baseline ones (`SMELT_NO_SIMD=1`), on tensors large enough
+/// to be merged streamed.
+#[test]
+fn simd_kernels_give_the_same_bytes_as_baseline_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = LlamaSpec {
+        layers: 1,
+        hidden: 256,
+        intermediate: 1024,
+        vocab: 1024,
+        heads: 4,
+        kv_heads: 2,
+        dtype: DType::BF16,
+        lm_head: true,
+        shard_bytes: 0,
+    };
+    let ms = family(&tmp.path().join("fam"), &spec, 2);
+    for method in ["ties", "dare_ties", "della", "task_arithmetic", "slerp"] {
+        let (models, extra) = if method == "slerp" {
+            (
+                vec![(ms[0].as_path(), "{}"), (ms[1].as_path(), "{}")],
+                "parameters: {t: 0.3}\n",
+            )
+        } else {
+            let p = "{weight: 0.6, density: 0.5}";
+            (vec![(ms[1].as_path(), p), (ms[2].as_path(), p)], "")
+        };
+        let cfg = tmp.path().join(format!("{method}.yml"));
+        write(&cfg, &yaml_models(method, &models, Some(&ms[0]), extra));
+        let run = |name: &str, no_simd: bool| {
+            let out = tmp.path().join(name);
+            let mut c = smelt();
+            c.current_dir(tmp.path())
+                .arg("merge")
+                .arg(&cfg)
+                .arg(&out)
+                .args(["--quiet", "--random-seed", "3"]);
+            if no_simd {
+                c.env("SMELT_NO_SIMD", "1");
+            }
+            assert_ok(&c.output().unwrap());
+            dir_bytes(&out)
+        };
+        let (on, off) = (
+            run(&format!("{method}-simd"), false),
+            run(&format!("{method}-base"), true),
+        );
+        assert!(
+            on["model.safetensors"] == off["model.safetensors"],
+            "{method}: vectorised and baseline kernels differ"
+        );
+    }
+}

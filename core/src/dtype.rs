@@ -126,16 +126,16 @@ impl DType {
         let n = bytes.len() / self.size();
         out.reserve(n);
         match self {
-            DType::F32 => out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-            DType::BF16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)),
-            ),
+            DType::F32 | DType::BF16 => {
+                // sized first, then filled by a plain loop: vectorises
+                // (AVX2/AVX-512 where the CPU has them, see `simd`)
+                out.resize(n, 0.0);
+                if self == DType::F32 {
+                    crate::simd::decode_f32(bytes, out);
+                } else {
+                    crate::simd::decode_bf16(bytes, out);
+                }
+            }
             DType::F16 => out.extend(
                 bytes
                     .chunks_exact(2)
@@ -167,14 +167,13 @@ impl DType {
     pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(values.len() * self.size());
         match self {
-            DType::F32 => {
-                for v in values {
-                    out.extend_from_slice(&v.to_le_bytes())
-                }
-            }
-            DType::BF16 => {
-                for v in values {
-                    out.extend_from_slice(&((bf16_round(*v).to_bits() >> 16) as u16).to_le_bytes())
+            DType::F32 | DType::BF16 => {
+                let at = out.len();
+                out.resize(at + values.len() * self.size(), 0);
+                if self == DType::F32 {
+                    crate::simd::encode_f32(values, &mut out[at..]);
+                } else {
+                    crate::simd::encode_bf16(values, &mut out[at..]);
                 }
             }
             DType::F16 => {

@@ -19,6 +19,7 @@ pub mod output;
 pub mod params;
 pub mod plan;
 pub mod rng;
+pub mod simd;
 pub mod synth;
 pub mod tensor;
 pub mod tokenizer;

@@ -267,9 +267,7 @@ impl GeneralizedTaskArithmetic {
             // bufs[0] = base (already read), bufs[out] = Δ of model m
             let mut x = std::mem::take(&mut s.bufs[out]);
             src.read(models[m].input, e0, e1, &mut x)?;
-            for (xi, bi) in x.iter_mut().zip(&s.bufs[0]) {
-                *xi = r.r(*xi - bi);
-            }
+            crate::simd::sub_rounded(r, &mut x, &s.bufs[0]);
             s.bufs[out] = x;
             Ok(())
         };
