@@ -707,6 +707,65 @@ fn s3_inputs_and_outputs_match_the_local_merge() {
     );
     assert!(s3.open_uploads().is_empty(), "{:?}", s3.open_uploads());
 
+    // cancel mid-upload: a slow worker has the multipart upload of a
+    // one-shard output open (5 MiB parts of ~12 MB); after the cancel it is
+    // aborted: no upload left open, and the shard never appears (had the
+    // upload been completed instead, the shard would exist)
+    drop((w1, w2));
+    let slow: Vec<(String, String)> = faulty
+        .iter()
+        .cloned()
+        .chain([(
+            "SMELT_CHAOS_TENSOR_DELAY_MS".to_string(),
+            "1000".to_string(),
+        )])
+        .collect();
+    let w3 = worker_env(&etcd, "w3", d, &slow);
+    let o = smelt()
+        .args(["submit", "--coordinator", &url])
+        .arg(&big_cfg)
+        .arg(s3.url("cluster/cancelled"))
+        .args(["--out-shard-size", "50M", "--random-seed", "11"])
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    let id = job_id(&o);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s3.open_uploads().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no upload opened\n{}\n{}",
+            c.log(),
+            w3.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_ok(
+        &smelt()
+            .args(["cancel", "--coordinator", &url, &id])
+            .output()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s3.open_uploads().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "uploads still open after the cancel: {:?}\n{}",
+            s3.open_uploads(),
+            w3.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = status(&url, &id).expect("status");
+    assert_eq!(st["state"], "cancelled", "{st:#}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let left = read_folder(&s3.store(), "cluster/cancelled");
+    assert!(
+        left.contains_key("config.json") && !left.keys().any(|k| k.ends_with(".safetensors")),
+        "the cancelled upload completed: {:?}",
+        left.keys()
+    );
+
     // a non-empty S3 output is refused without --overwrite, named
     let o = submit_url(&url, &conf_cfg, &s3.url("cluster/ties"), &[]);
     assert!(!o.status.success());

@@ -342,6 +342,10 @@ pub fn run_tasks(
     let stall_after: Option<usize> = std::env::var("SMELT_CHAOS_STALL_AFTER")
         .ok()
         .and_then(|v| v.parse().ok());
+    // Chaos switch: sleep this long after each tensor (slow-worker tests).
+    let delay_ms: Option<u64> = std::env::var("SMELT_CHAOS_TENSOR_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let done = std::sync::atomic::AtomicUsize::new(0);
     let bytes = std::sync::atomic::AtomicU64::new(0);
     let total = which.len();
@@ -383,6 +387,9 @@ pub fn run_tasks(
     let tensor_done = |b: u64| {
         let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         progress(d, total, b);
+        if let Some(ms) = delay_ms {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         if stall_after == Some(d) {
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
