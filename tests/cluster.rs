@@ -241,6 +241,13 @@ fn submit(coord: &str, cfg: &Path, out: &Path, wait: bool) -> std::process::Outp
     c.output().unwrap()
 }
 
+/// Submits without waiting; the job id.
+fn submit_job(coord: &str, cfg: &Path, out: &Path) -> String {
+    let o = submit(coord, cfg, out, false);
+    assert_ok(&o);
+    job_id(&o)
+}
+
 fn status(coord: &str, job: &str) -> Option<serde_json::Value> {
     let o = smelt()
         .args(["status", "--coordinator", coord, job, "--json"])
@@ -358,9 +365,7 @@ fn a_killed_worker_loses_only_its_task() {
     let (c, url) = coordinator(&etcd, "coord", d);
     // w1 stalls after its first tensor, holding its task
     let mut w1 = worker(&etcd, "w1", d, &[("SMELT_CHAOS_STALL_AFTER", "1")]);
-    let o = submit(&url, &cfg, &d.join("dist/out"), false);
-    assert_ok(&o);
-    let id = job_id(&o);
+    let id = submit_job(&url, &cfg, &d.join("dist/out"));
     let logs = || format!("{}\n{}", c.log(), w1.log());
     let st = wait_for(
         &url,
@@ -420,9 +425,7 @@ fn a_new_coordinator_resumes_without_redoing_finished_tasks() {
     let etcd = Etcd::start(d);
     let (mut c1, url1) = coordinator(&etcd, "coord1", d);
     let w = worker(&etcd, "w1", d, &[("SMELT_CHAOS_TASK_DELAY_MS", "700")]);
-    let o = submit(&url1, &cfg, &d.join("dist/out"), false);
-    assert_ok(&o);
-    let id = job_id(&o);
+    let id = submit_job(&url1, &cfg, &d.join("dist/out"));
     let logs = || format!("{}\n{}", c1.log(), w.log());
     let before = wait_for(
         &url1,
@@ -474,9 +477,7 @@ fn the_job_survives_an_etcd_restart() {
     let mut etcd = Etcd::start(d);
     let (c, url) = coordinator(&etcd, "coord", d);
     let w = worker(&etcd, "w1", d, &[("SMELT_CHAOS_TASK_DELAY_MS", "500")]);
-    let o = submit(&url, &cfg, &d.join("dist/out"), false);
-    assert_ok(&o);
-    let id = job_id(&o);
+    let id = submit_job(&url, &cfg, &d.join("dist/out"));
     let logs = || format!("{}\n{}", c.log(), w.log());
     wait_for(
         &url,
@@ -527,9 +528,7 @@ fn bad_submissions_are_refused_and_cancel_stops_a_job() {
     assert!(d.join("full/keep.txt").exists());
     // cancel: a slow worker, cancel, state cancelled, no index written
     let w = worker(&etcd, "w1", d, &[("SMELT_CHAOS_TASK_DELAY_MS", "1000")]);
-    let o = submit(&url, &cfg, &d.join("cancelled"), false);
-    assert_ok(&o);
-    let id = job_id(&o);
+    let id = submit_job(&url, &cfg, &d.join("cancelled"));
     let o = smelt()
         .args(["cancel", "--coordinator", &url, &id])
         .output()
