@@ -78,10 +78,6 @@ pub fn parse_url_opts(url: &str, options: &[(String, String)]) -> Result<StoreUr
     let parsed =
         ::url::Url::parse(url).map_err(|e| store_err(url, format!("not a valid URL: {e}")))?;
     let key_err = |k: &str, e: object_store::Error| store_err(url, format!("option {k}: {e}"));
-    // the URL's path, percent-decoded, without leading/trailing slashes
-    let prefix_of = |p: &str| -> Result<ObjPath> {
-        ObjPath::from_url_path(p).map_err(|e| store_err(url, format!("bad object path: {e}")))
-    };
     match parsed.scheme() {
         "file" => {
             let p = parsed
@@ -90,10 +86,7 @@ pub fn parse_url_opts(url: &str, options: &[(String, String)]) -> Result<StoreUr
             local(url, &p)
         }
         "s3" | "s3a" => {
-            let bucket = parsed
-                .host_str()
-                .filter(|b| !b.is_empty())
-                .ok_or_else(|| store_err(url, "no bucket name (expected s3://BUCKET/PREFIX)"))?;
+            let bucket = bucket_of(&parsed, url, "s3")?;
             let mut b = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
                 .with_retry(retry_config());
@@ -102,17 +95,10 @@ pub fn parse_url_opts(url: &str, options: &[(String, String)]) -> Result<StoreUr
                 b = b.with_config(key, v);
             }
             let store = b.build().map_err(|e| store_err(url, e))?;
-            Ok(StoreUrl {
-                store: Arc::new(store),
-                prefix: prefix_of(parsed.path())?,
-                url: url.to_string(),
-            })
+            in_bucket(url, &parsed, Arc::new(store))
         }
         "gs" => {
-            let bucket = parsed
-                .host_str()
-                .filter(|b| !b.is_empty())
-                .ok_or_else(|| store_err(url, "no bucket name (expected gs://BUCKET/PREFIX)"))?;
+            let bucket = bucket_of(&parsed, url, "gs")?;
             let mut b = GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(bucket)
                 .with_retry(retry_config());
@@ -121,11 +107,7 @@ pub fn parse_url_opts(url: &str, options: &[(String, String)]) -> Result<StoreUr
                 b = b.with_config(key, v);
             }
             let store = b.build().map_err(|e| store_err(url, e))?;
-            Ok(StoreUrl {
-                store: Arc::new(store),
-                prefix: prefix_of(parsed.path())?,
-                url: url.to_string(),
-            })
+            in_bucket(url, &parsed, Arc::new(store))
         }
         "http" | "https" => {
             // the store is rooted at the server; the path is the prefix
@@ -141,11 +123,7 @@ pub fn parse_url_opts(url: &str, options: &[(String, String)]) -> Result<StoreUr
                 b = b.with_config(key, v);
             }
             let store = b.build().map_err(|e| store_err(url, e))?;
-            Ok(StoreUrl {
-                store: Arc::new(store),
-                prefix: prefix_of(parsed.path())?,
-                url: url.to_string(),
-            })
+            in_bucket(url, &parsed, Arc::new(store))
         }
         other => Err(store_err(
             url,
@@ -164,6 +142,28 @@ fn local(url: &str, p: &std::path::Path) -> Result<StoreUrl> {
         .map_err(|e| store_err(url, format!("bad local path: {e}")))?;
     Ok(StoreUrl {
         store: Arc::new(store),
+        prefix,
+        url: url.to_string(),
+    })
+}
+
+/// The bucket of an `s3://`/`gs://` URL.
+fn bucket_of<'a>(parsed: &'a url::Url, url: &str, scheme: &str) -> Result<&'a str> {
+    parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| {
+        store_err(
+            url,
+            format!("no bucket name (expected {scheme}://BUCKET/PREFIX)"),
+        )
+    })
+}
+
+/// A store and the URL's path (percent-decoded, without leading/trailing
+/// slashes) as the prefix within it.
+fn in_bucket(url: &str, parsed: &url::Url, store: Arc<dyn ObjectStore>) -> Result<StoreUrl> {
+    let prefix = ObjPath::from_url_path(parsed.path())
+        .map_err(|e| store_err(url, format!("bad object path: {e}")))?;
+    Ok(StoreUrl {
+        store,
         prefix,
         url: url.to_string(),
     })
