@@ -122,14 +122,20 @@ impl DType {
 
     /// Decodes little-endian bytes of this dtype into f32 values.
     pub fn decode(self, bytes: &[u8], out: &mut Vec<f32>) {
-        out.clear();
         let n = bytes.len() / self.size();
-        out.reserve(n);
+        if matches!(self, DType::F32 | DType::BF16) {
+            // reused buffers keep their length: no zeroing pass when the
+            // size repeats (every element is overwritten below)
+            out.truncate(n);
+            out.resize(n, 0.0);
+        } else {
+            out.clear();
+            out.reserve(n);
+        }
         match self {
             DType::F32 | DType::BF16 => {
                 // sized first, then filled by a plain loop: vectorises
                 // (AVX2/AVX-512 where the CPU has them, see `simd`)
-                out.resize(n, 0.0);
                 if self == DType::F32 {
                     crate::simd::decode_f32(bytes, out);
                 } else {

@@ -7,17 +7,17 @@
 /// Defines `pub fn $name($args)` dispatching to the widest variant of the
 /// `#[inline(always)]` body `$body` that this CPU supports.
 macro_rules! multiversion {
-    ($(#[$m:meta])* pub fn $name:ident($($a:ident: $t:ty),*) $body:block) => {
+    ($(#[$m:meta])* pub fn $name:ident($($a:ident: $t:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        pub fn $name($($a: $t),*) {
+        pub fn $name($($a: $t),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($a: $t),*) $body
+            fn body($($a: $t),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-                fn v4($($a: $t),*) { body($($a),*) }
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
+                fn v4($($a: $t),*) $(-> $ret)? { body($($a),*) }
                 #[target_feature(enable = "avx2,fma")]
-                fn v3($($a: $t),*) { body($($a),*) }
+                fn v3($($a: $t),*) $(-> $ret)? { body($($a),*) }
                 match level() {
                     // SAFETY: `level` checked that the CPU has these features.
                     Level::V4 => return unsafe { v4($($a),*) },
@@ -47,6 +47,7 @@ pub(crate) fn level() -> Level {
             Level::Base
         } else if is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
         {
@@ -125,9 +126,291 @@ pub fn sub_rounded<R: crate::dtype::Rounding>(r: R, x: &mut [f32], b: &[f32]) {
     body(r, x, b)
 }
 
+/// The selection key of `x` (see [`crate::methods::sparsify::abs_key`]),
+/// complemented when `flip` is `u32::MAX` (ranking from the small end).
+#[inline(always)]
+pub fn key(x: f32, flip: u32) -> u32 {
+    (x.to_bits() & 0x7FFF_FFFF) ^ flip
+}
+
+multiversion! {
+    /// Adds the high 16 bits of every key to `h` (65 536 bins); with
+    /// `lo = Some`, also ORs / ANDs the keys' low halves into `lo.0` / `lo.1`.
+    pub fn hist_hi(d: &[f32], flip: u32, h: &mut [u32], lo: Option<&mut (u32, u32)>) {
+        let h = &mut h[..1 << 16];
+        match lo {
+            None => {
+                for x in d {
+                    h[(key(*x, flip) >> 16) as usize] += 1;
+                }
+            }
+            Some(lo) => {
+                let (mut or, mut and) = *lo;
+                for x in d {
+                    let k = key(*x, flip);
+                    h[(k >> 16) as usize] += 1;
+                    or |= k & 0xFFFF;
+                    and &= k & 0xFFFF;
+                }
+                *lo = (or, and);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Adds the low 16 bits of the keys whose high half is `hi` to `h`.
+    pub fn hist_lo(d: &[f32], flip: u32, hi: u32, h: &mut [u32]) {
+        let h = &mut h[..1 << 16];
+        for x in d {
+            let k = key(*x, flip);
+            if k >> 16 == hi {
+                h[(k & 0xFFFF) as usize] += 1;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// How many keys equal `thr`.
+    pub fn count_eq(d: &[f32], flip: u32, thr: u32) -> u64 {
+        let mut total = 0u64;
+        for ch in d.chunks(1 << 20) {
+            let mut c = 0u32;
+            for x in ch {
+                c += (key(*x, flip) == thr) as u32;
+            }
+            total += c as u64;
+        }
+        total
+    }
+}
+
+multiversion! {
+    /// Zeroes (+0.0) every element whose key is below `thr`, or equal to it
+    /// unless `keep_eq`.
+    pub fn keep_above(d: &mut [f32], flip: u32, thr: u32, keep_eq: bool) {
+        if keep_eq {
+            for x in d.iter_mut() {
+                *x = if key(*x, flip) >= thr { *x } else { 0.0 };
+            }
+        } else {
+            for x in d.iter_mut() {
+                *x = if key(*x, flip) > thr { *x } else { 0.0 };
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Zeroes (+0.0) every element whose flag is 0.
+    pub fn keep_flagged(d: &mut [f32], f: &[u8]) {
+        for (x, k) in d.iter_mut().zip(f) {
+            *x = if *k != 0 { *x } else { 0.0 };
+        }
+    }
+}
+
+multiversion! {
+    /// DARE's mask: keeps element `i` (flat index `e0 + i`) when
+    /// `s.bernoulli(e0 + i, p)`, else +0.0 — [`crate::rng::Stream::bernoulli`]
+    /// computed eight lanes at a time.
+    pub fn keep_random(d: &mut [f32], s: crate::rng::Stream, e0: u64, p: f32) {
+        for (i, x) in d.iter_mut().enumerate() {
+            *x = if s.bernoulli(e0 + i as u64, p) { *x } else { 0.0 };
+        }
+    }
+}
+
+multiversion! {
+    /// Keep flags of DARE's mask (see [`keep_random`]).
+    pub fn random_flags(f: &mut [u8], s: crate::rng::Stream, e0: u64, p: f32) {
+        for (i, x) in f.iter_mut().enumerate() {
+            *x = s.bernoulli(e0 + i as u64, p) as u8;
+        }
+    }
+}
+
+multiversion! {
+    /// DELLA's flags of one rank row: `f[j] = s.bernoulli(e0 + j, p[j])`.
+    pub fn della_flags(f: &mut [u8], p: &[f32], s: crate::rng::Stream, e0: u64) {
+        for (j, (x, p)) in f.iter_mut().zip(p).enumerate() {
+            *x = s.bernoulli(e0 + j as u64, *p) as u8;
+        }
+    }
+}
+
+multiversion! {
+    /// Flags (0 / non-zero) into bits, 64 per word, LSB first.
+    pub fn pack_flags(f: &[u8], bits: &mut [u64]) {
+        for (w, c) in bits.iter_mut().zip(f.chunks(64)) {
+            let mut m = 0u64;
+            for (j, x) in c.iter().enumerate() {
+                m |= ((*x != 0) as u64) << j;
+            }
+            *w = m;
+        }
+    }
+}
+
+multiversion! {
+    /// Zeroes (+0.0) every element whose bit (see [`pack_flags`]) is clear.
+    pub fn keep_bits(d: &mut [f32], bits: &[u64]) {
+        for (c, w) in d.chunks_mut(64).zip(bits) {
+            for (j, x) in c.iter_mut().enumerate() {
+                *x = if (w >> j) & 1 != 0 { *x } else { 0.0 };
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `x = bf16(x · k)` (a rescaled task vector in bfloat16).
+    pub fn scale_bf16(d: &mut [f32], k: f32) {
+        for x in d.iter_mut() {
+            *x = crate::dtype::bf16_round(*x * k);
+        }
+    }
+}
+
+multiversion! {
+    /// `x = x · k`.
+    pub fn scale(d: &mut [f32], k: f32) {
+        for x in d.iter_mut() {
+            *x *= k;
+        }
+    }
+}
+
+/// Sums eight lanes of f64 in a fixed order.
+#[inline(always)]
+fn lanes(a: [f64; 8]) -> f64 {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// ([`abs_sum`] of `d`, the same sum over the elements whose flag is set),
+/// each exactly as [`abs_sum`] computes it.
+pub fn abs_sums(d: &[f32], f: &[u8]) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::V4 {
+        // SAFETY: `level` checked that the CPU has AVX-512F.
+        return unsafe { abs_sums_v4(d, f) };
+    }
+    abs_sums_generic(d, f)
+}
+
+/// [`abs_sums`] in plain Rust (LLVM does not vectorise it well).
+fn abs_sums_generic(d: &[f32], f: &[u8]) -> (f64, f64) {
+    let (mut a, mut b) = ([0f64; 8], [0f64; 8]);
+    let n = d.len().min(f.len());
+    for (i, (x, k)) in d[..n].iter().zip(&f[..n]).enumerate() {
+        let v = x.abs() as f64;
+        a[i % 8] += v;
+        b[i % 8] += if *k != 0 { v } else { 0.0 };
+    }
+    (lanes(a), lanes(b))
+}
+
+/// [`abs_sums`] with AVX-512: lane `l` of the accumulators adds the same
+/// elements in the same order as the plain version.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn abs_sums_v4(d: &[f32], f: &[u8]) -> (f64, f64) {
+    use std::arch::x86_64::*;
+    let n = d.len().min(f.len());
+    let whole = n / 8 * 8;
+    let mut a = _mm512_setzero_pd();
+    let mut b = _mm512_setzero_pd();
+    let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    for (x, k) in d[..whole].chunks_exact(8).zip(f[..whole].chunks_exact(8)) {
+        // SAFETY: `x` holds 8 f32 and `k` 8 bytes (chunks_exact).
+        let x = unsafe { _mm256_loadu_ps(x.as_ptr()) };
+        let v = _mm512_cvtps_pd(_mm256_and_ps(x, absmask));
+        a = _mm512_add_pd(a, v);
+        let k8 = u64::from_le_bytes(k.try_into().expect("8"));
+        let kw = _mm512_cvtepu8_epi64(_mm_cvtsi64_si128(k8 as i64));
+        let m = _mm512_test_epi64_mask(kw, kw);
+        // +v where flagged; else unchanged, as adding +0.0 leaves it
+        b = _mm512_mask_add_pd(b, m, b, v);
+    }
+    let (mut aa, mut bb) = ([0f64; 8], [0f64; 8]);
+    // SAFETY: 8 f64 each.
+    unsafe {
+        _mm512_storeu_pd(aa.as_mut_ptr(), a);
+        _mm512_storeu_pd(bb.as_mut_ptr(), b);
+    }
+    for (l, (x, k)) in d[whole..n].iter().zip(&f[whole..n]).enumerate() {
+        let v = x.abs() as f64;
+        aa[l] += v;
+        bb[l] += if *k != 0 { v } else { 0.0 };
+    }
+    (lanes(aa), lanes(bb))
+}
+
+/// Σ|x| in f64, element `i` into lane `i % 8`, lanes combined by
+/// [`lanes`]: the per-block partial sum of [`crate::methods::sum_abs`]
+/// (equal to [`abs_sums`]' first value).
+pub fn abs_sum(d: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::V4 {
+        // SAFETY: `level` checked that the CPU has AVX-512F.
+        return unsafe { abs_sum_v4(d) };
+    }
+    let mut a = [0f64; 8];
+    for (i, x) in d.iter().enumerate() {
+        a[i % 8] += x.abs() as f64;
+    }
+    lanes(a)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn abs_sum_v4(d: &[f32]) -> f64 {
+    use std::arch::x86_64::*;
+    let whole = d.len() / 8 * 8;
+    let mut a = _mm512_setzero_pd();
+    let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    for x in d[..whole].chunks_exact(8) {
+        // SAFETY: `x` holds 8 f32 (chunks_exact).
+        let x = unsafe { _mm256_loadu_ps(x.as_ptr()) };
+        a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm256_and_ps(x, absmask)));
+    }
+    let mut aa = [0f64; 8];
+    // SAFETY: 8 f64.
+    unsafe { _mm512_storeu_pd(aa.as_mut_ptr(), a) };
+    for (l, x) in d[whole..].iter().enumerate() {
+        aa[l] += x.abs() as f64;
+    }
+    lanes(aa)
+}
 #[cfg(test)]
 mod tests {
     /// Every variant gives the same bytes as the scalar definition.
+    /// The AVX-512 sums add the same elements in the same order per lane as
+    /// the plain ones: equal bits, NaN and infinities included.
+    #[test]
+    fn abs_sums_match_the_plain_definition() {
+        let s = crate::rng::Stream::new(1, "sums", "x");
+        for n in [0usize, 1, 7, 8, 9, 63, 64, 65, 1000, 32768] {
+            let d: Vec<f32> = (0..n as u64)
+                .map(|i| match i % 97 {
+                    5 => 0.0,
+                    6 => -0.0,
+                    7 if n == 1000 => f32::INFINITY,
+                    _ => (s.uniform(i) - 0.5) * 1e3f32.powf(s.uniform(i + 7)),
+                })
+                .collect();
+            let f: Vec<u8> = (0..n as u64)
+                .map(|i| (s.uniform(i + 99) < 0.5) as u8 * 3)
+                .collect();
+            let (a, b) = super::abs_sums(&d, &f);
+            let (ga, gb) = super::abs_sums_generic(&d, &f);
+            assert_eq!(a.to_bits(), ga.to_bits(), "{n}");
+            assert_eq!(b.to_bits(), gb.to_bits(), "{n}");
+            assert_eq!(super::abs_sum(&d).to_bits(), ga.to_bits(), "{n}");
+        }
+    }
+
     #[test]
     fn codecs_match_scalar_definitions() {
         let vals: Vec<f32> = (0..10_000u32)

@@ -54,6 +54,13 @@ impl KeyKind {
             KeyKind::NotAbs => !abs_key(x),
         }
     }
+    /// The `flip` of [`crate::simd::key`].
+    fn flip(self) -> u32 {
+        match self {
+            KeyKind::Abs => 0,
+            KeyKind::NotAbs => u32::MAX,
+        }
+    }
 }
 
 struct Model {
@@ -278,7 +285,20 @@ impl GeneralizedTaskArithmetic {
             .collect();
         if !active.is_empty() {
             let sel_models: Vec<usize> = dedup(active.iter().map(|&j| sels[j].model));
-            let hists = hist_pass(n, block, &sel_models, &active, &sels, src, b, &delta, None)?;
+            // bfloat16 keys' low halves are all equal: one level suffices
+            let track_lo = dt != DType::BF16;
+            let hists = hist_pass(
+                n,
+                block,
+                &sel_models,
+                &active,
+                &sels,
+                src,
+                b,
+                &delta,
+                None,
+                track_lo,
+            )?;
             let mut second: Vec<(usize, u32)> = Vec::new();
             for (a, &j) in active.iter().enumerate() {
                 let h = &hists[a];
@@ -299,7 +319,18 @@ impl GeneralizedTaskArithmetic {
                 let which: Vec<usize> = second.iter().map(|(a, _)| active[*a]).collect();
                 let his: Vec<u32> = second.iter().map(|(_, hi)| *hi).collect();
                 let sm: Vec<usize> = dedup(which.iter().map(|&j| sels[j].model));
-                let h2 = hist_pass(n, block, &sm, &which, &sels, src, b, &delta, Some(&his))?;
+                let h2 = hist_pass(
+                    n,
+                    block,
+                    &sm,
+                    &which,
+                    &sels,
+                    src,
+                    b,
+                    &delta,
+                    Some(&his),
+                    false,
+                )?;
                 for (q, &j) in which.iter().enumerate() {
                     let s = &mut sels[j].s;
                     let (lo, cum2) = pick_bin(&h2[q].h, s.ties);
@@ -329,16 +360,13 @@ impl GeneralizedTaskArithmetic {
                         .iter()
                         .map(|&j| {
                             let (kind, thr) = (sels[j].kind, sels[j].s.thr);
-                            s.bufs[slot_of(sels[j].model)]
-                                .iter()
-                                .filter(|x| kind.key(**x) == thr)
-                                .count() as u64
+                            crate::simd::count_eq(&s.bufs[slot_of(sels[j].model)], kind.flip(), thr)
                         })
                         .collect())
                 })?;
                 for (q, &j) in counted.iter().enumerate() {
                     let mut acc = 0u64;
-                    sels[j].s.eq_before = per_block
+                    let mut eq: Vec<u64> = per_block
                         .iter()
                         .map(|c| {
                             let v = acc;
@@ -346,6 +374,8 @@ impl GeneralizedTaskArithmetic {
                             v
                         })
                         .collect();
+                    eq.push(acc);
+                    sels[j].s.eq_before = eq;
                 }
             }
         }
@@ -381,12 +411,12 @@ impl GeneralizedTaskArithmetic {
                     s.flags2 = fh;
                 }
                 Sp::Random(p) => {
-                    flags.clear();
-                    flags
-                        .extend((0..len).map(|i| model.stream.bernoulli((e0 + i) as u64, p) as u8));
+                    flags.resize(len, 0);
+                    crate::simd::random_flags(&mut flags[..len], model.stream, e0 as u64, p);
                 }
                 Sp::Della => {
-                    flags.clear();
+                    // every flag is written
+                    flags.truncate(len);
                     flags.resize(len, 0);
                     della_block(
                         d,
@@ -395,8 +425,7 @@ impl GeneralizedTaskArithmetic {
                         model.stream,
                         e0,
                         &mut flags,
-                        &mut s.keys,
-                        &mut s.tmp,
+                        &mut s.rank,
                     );
                 }
             }
@@ -424,7 +453,13 @@ impl GeneralizedTaskArithmetic {
                     let d = &s.bufs[q + 1];
                     let f = &s.flags;
                     let (before, after) = partial_sums2(d, f);
-                    let bits = matches!(models[m].sp, Sp::Random(_) | Sp::Della).then(|| pack(f));
+                    // DELLA's ranking is dear: its mask is kept (a bit per
+                    // element) for the output pass; DARE's is drawn again
+                    let bits = matches!(models[m].sp, Sp::Della).then(|| {
+                        let mut bits = vec![0u64; f.len().div_ceil(64)];
+                        crate::simd::pack_flags(f, &mut bits);
+                        bits
+                    });
                     res.push((before, after, bits));
                 }
                 Ok(res)
@@ -464,19 +499,31 @@ impl GeneralizedTaskArithmetic {
                 if matches!(models[m].sp, Sp::Keep) {
                     continue;
                 }
-                match cached.get(bi).and_then(|row| row[m].as_ref()) {
-                    Some(bits) => unpack(bits, e1 - e0, &mut s.flags),
-                    None => mask(s, m, m + 1, bi, e0),
-                }
                 let model = &models[m];
-                let d = &mut s.bufs[m + 1];
-                for (x, f) in d.iter_mut().zip(&s.flags) {
-                    *x = if *f != 0 { *x } else { 0.0 };
+                match (&model.sp, cached.get(bi).and_then(|row| row[m].as_ref())) {
+                    (_, Some(bits)) => crate::simd::keep_bits(&mut s.bufs[m + 1], bits),
+                    (Sp::Zero, None) => s.bufs[m + 1].fill(0.0),
+                    (Sp::Top(j), None) => {
+                        let sel = &sels[*j];
+                        sel.s.apply(bi, &mut s.bufs[m + 1], sel.kind.flip());
+                    }
+                    (Sp::Random(p), None) => {
+                        crate::simd::keep_random(&mut s.bufs[m + 1], model.stream, e0 as u64, *p)
+                    }
+                    _ => {
+                        mask(s, m, m + 1, bi, e0);
+                        crate::simd::keep_flagged(&mut s.bufs[m + 1], &s.flags);
+                    }
                 }
+                let d = &mut s.bufs[m + 1];
                 if let Some(ratio) = ratios[m] {
-                    crate::with_rounding!(model.mdt, |rm| for x in d.iter_mut() {
-                        *x = rm.r(*x * ratio);
-                    });
+                    match model.mdt {
+                        DType::BF16 => crate::simd::scale_bf16(d, ratio),
+                        DType::F32 => crate::simd::scale(d, ratio),
+                        _ => crate::with_rounding!(model.mdt, |rm| for x in d.iter_mut() {
+                            *x = rm.r(*x * ratio);
+                        }),
+                    }
                 }
                 if model.mdt != dt {
                     for x in d.iter_mut() {
@@ -485,7 +532,8 @@ impl GeneralizedTaskArithmetic {
                 }
             }
             let mut out = std::mem::take(&mut s.out);
-            out.clear();
+            // every element is written by `combine_chunk`
+            out.truncate(e1 - e0);
             out.resize(e1 - e0, 0.0);
             let mut cs = CombineScratch::default();
             {
@@ -532,40 +580,13 @@ impl Selection {
     }
 }
 
-/// [`partial_sums`] of |Δ| and of |Δ| where kept, in one loop (two
-/// independent f64 chains, each in the same order as `sum_by`).
+/// Per-[`BLOCK`] partial sums of |Δ| and of |Δ| where kept, each exactly as
+/// [`sum_abs`] makes them.
 fn partial_sums2(d: &[f32], f: &[u8]) -> (Vec<f64>, Vec<f64>) {
-    let nb = d.len().div_ceil(BLOCK);
-    let mut before = Vec::with_capacity(nb);
-    let mut after = Vec::with_capacity(nb);
-    for (dc, fc) in d.chunks(BLOCK).zip(f.chunks(BLOCK)) {
-        let (mut a, mut b) = (0.0f64, 0.0f64);
-        for (x, k) in dc.iter().zip(fc) {
-            let v = x.abs() as f64;
-            a += v;
-            b += if *k != 0 { v } else { 0.0 };
-        }
-        before.push(a);
-        after.push(b);
-    }
-    (before, after)
-}
-
-/// Packs keep flags into bits.
-fn pack(f: &[u8]) -> Vec<u64> {
-    f.chunks(64)
-        .map(|c| {
-            c.iter()
-                .enumerate()
-                .fold(0u64, |a, (j, x)| a | (((*x != 0) as u64) << j))
-        })
-        .collect()
-}
-
-/// Unpacks `len` keep flags from bits.
-fn unpack(bits: &[u64], len: usize, f: &mut Vec<u8>) {
-    f.clear();
-    f.extend((0..len).map(|i| ((bits[i / 64] >> (i % 64)) & 1) as u8));
+    d.chunks(BLOCK)
+        .zip(f.chunks(BLOCK))
+        .map(|(dc, fc)| crate::simd::abs_sums(dc, fc))
+        .unzip()
 }
 
 fn dedup(it: impl Iterator<Item = usize>) -> Vec<usize> {
@@ -596,6 +617,7 @@ fn hist_pass(
     b: usize,
     delta: &DeltaFn,
     his: Option<&[u32]>,
+    track_lo: bool,
 ) -> Result<Vec<Hist>> {
     use rayon::prelude::*;
     let nb = n.div_ceil(block);
@@ -603,48 +625,43 @@ fn hist_pass(
     (0..nb)
         .into_par_iter()
         .try_fold(
-            || (Scratch::default(), vec![Hist::new(); which.len()]),
-            |(mut s, mut hs), bi| -> Result<_> {
-                let e0 = bi * block;
-                let e1 = (e0 + block).min(n);
-                s.ensure(1 + sel_models.len());
-                let mut base = std::mem::take(&mut s.bufs[0]);
-                src.read(b, e0, e1, &mut base)?;
-                s.bufs[0] = base;
-                for (q, &m) in sel_models.iter().enumerate() {
-                    delta(&mut s, m, q + 1, e0, e1)?;
-                }
-                for (q, &j) in which.iter().enumerate() {
-                    let kind = sels[j].kind;
-                    let d = &s.bufs[slot_of(sels[j].model)];
-                    let h = &mut hs[q];
-                    match his {
-                        None => {
-                            let (mut or, mut and) = (h.lo_or, h.lo_and);
-                            for x in d {
-                                let k = kind.key(*x);
-                                h.h[(k >> 16) as usize] += 1;
-                                or |= k & 0xFFFF;
-                                and &= k & 0xFFFF;
+            || vec![LocalHist::new(); which.len()],
+            |mut hs, bi| -> Result<_> {
+                with_scratch(|s| -> Result<()> {
+                    let e0 = bi * block;
+                    let e1 = (e0 + block).min(n);
+                    s.ensure(1 + sel_models.len());
+                    let mut base = std::mem::take(&mut s.bufs[0]);
+                    src.read(b, e0, e1, &mut base)?;
+                    s.bufs[0] = base;
+                    for (q, &m) in sel_models.iter().enumerate() {
+                        delta(s, m, q + 1, e0, e1)?;
+                    }
+                    for (q, &j) in which.iter().enumerate() {
+                        let flip = sels[j].kind.flip();
+                        let d = &s.bufs[slot_of(sels[j].model)];
+                        let h = &mut hs[q];
+                        h.room(d.len());
+                        match his {
+                            None if track_lo => {
+                                let mut lo = (h.acc.lo_or, h.acc.lo_and);
+                                crate::simd::hist_hi(d, flip, &mut h.h, Some(&mut lo));
+                                (h.acc.lo_or, h.acc.lo_and) = lo;
                             }
-                            h.lo_or = or;
-                            h.lo_and = and;
-                        }
-                        Some(his) => {
-                            let hi = his[q];
-                            for x in d {
-                                let k = kind.key(*x);
-                                if k >> 16 == hi {
-                                    h.h[(k & 0xFFFF) as usize] += 1;
-                                }
+                            None => {
+                                crate::simd::hist_hi(d, flip, &mut h.h, None);
+                                // bfloat16: every low half is that of `flip`
+                                (h.acc.lo_or, h.acc.lo_and) = (flip & 0xFFFF, flip & 0xFFFF);
                             }
+                            Some(his) => crate::simd::hist_lo(d, flip, his[q], &mut h.h),
                         }
                     }
-                }
-                Ok((s, hs))
+                    Ok(())
+                })?;
+                Ok(hs)
             },
         )
-        .map(|r| r.map(|(_, hs)| hs))
+        .map(|r| r.map(|hs| hs.into_iter().map(LocalHist::finish).collect::<Vec<_>>()))
         .try_reduce(
             || vec![Hist::new(); which.len()],
             |mut a, b| {
@@ -656,8 +673,46 @@ fn hist_pass(
         )
 }
 
+/// A thread's histogram: 32-bit counts (half the cache footprint of
+/// [`Hist`]'s), folded into `acc` before they could overflow.
+#[derive(Clone)]
+struct LocalHist {
+    h: Vec<u32>,
+    added: u64,
+    acc: Hist,
+}
+
+impl LocalHist {
+    fn new() -> LocalHist {
+        LocalHist {
+            h: vec![0; 1 << 16],
+            added: 0,
+            acc: Hist::new(),
+        }
+    }
+    /// Makes room for `k` more counts.
+    fn room(&mut self, k: usize) {
+        if self.added + k as u64 > u32::MAX as u64 {
+            self.flush();
+        }
+        self.added += k as u64;
+    }
+    fn flush(&mut self) {
+        for (a, c) in self.acc.h.iter_mut().zip(self.h.iter_mut()) {
+            *a += *c as u64;
+            *c = 0;
+        }
+        self.added = 0;
+    }
+    fn finish(mut self) -> Hist {
+        self.flush();
+        self.acc
+    }
+}
+
 /// DELLA keep flags of one block (whole rank chunks): rank |Δ| along axis 1
-/// (ties: lower index first), keep with the rank's probability.
+/// (ties: lower index first), keep with the rank's probability. `s`
+/// provides the buffers.
 #[allow(clippy::too_many_arguments)]
 fn della_block(
     d: &[f32],
@@ -666,60 +721,136 @@ fn della_block(
     stream: Stream,
     e0: usize,
     flags: &mut [u8],
-    keys: &mut Vec<u64>,
-    tmp: &mut Vec<u64>,
+    s: &mut RankBufs,
 ) {
     let (len, inner) = (g.len, g.inner);
     let chunk = len * inner;
     for (o, dc) in d.chunks(chunk).enumerate() {
         let base = o * chunk;
         for c in 0..inner {
-            keys.clear();
-            keys.extend((0..len).map(|j| ((abs_key(dc[j * inner + c]) as u64) << 32) | j as u64));
-            radix_sort_hi(keys, tmp);
-            for (rank0, k) in keys.iter().enumerate() {
-                let j = (*k & 0xFFFF_FFFF) as usize;
-                let i = base + j * inner + c;
-                flags[i] = stream.bernoulli((e0 + i) as u64, table[rank0]) as u8;
+            s.keys32.clear();
+            s.keys32
+                .extend((0..len).map(|j| abs_key(dc[j * inner + c])));
+            if inner == 1 {
+                let mut probs = std::mem::take(&mut s.probs);
+                probs.clear();
+                probs.resize(len, 0.0);
+                probs_each(&s.keys32, table, &mut s.counts, &mut s.keys, &mut probs);
+                crate::simd::della_flags(
+                    &mut flags[base..base + len],
+                    &probs,
+                    stream,
+                    (e0 + base) as u64,
+                );
+                s.probs = probs;
+            } else {
+                rank_each(&s.keys32, &mut s.counts, &mut s.keys, |j, r| {
+                    let i = base + j * inner + c;
+                    flags[i] = stream.bernoulli((e0 + i) as u64, table[r as usize]) as u8;
+                });
             }
         }
     }
 }
 
-/// Sorts packed `(key << 32) | index` values whose indices are ascending:
-/// a stable LSD radix sort on the bytes of the key that vary, so the result
-/// equals a full sort of the packed values.
-fn radix_sort_hi(v: &mut Vec<u64>, tmp: &mut Vec<u64>) {
-    let (mut or, mut and) = (0u64, u64::MAX);
-    for x in v.iter() {
-        or |= *x;
-        and &= *x;
+/// `s.ranks[j]`: the rank of `s.keys32[j]` in ascending order, ties by
+/// index (a stable sort's destination); see [`rank_each`].
+#[cfg(test)]
+fn ranks_of(s: &mut RankBufs) {
+    let mut ranks = std::mem::take(&mut s.ranks);
+    ranks.clear();
+    ranks.resize(s.keys32.len(), 0);
+    rank_each(&s.keys32, &mut s.counts, &mut s.keys, |j, r| ranks[j] = r);
+    s.ranks = ranks;
+}
+
+/// Calls `put(j, rank)` with the rank of `keys[j]` in ascending order, ties
+/// by index (a stable sort's destination), for every `j`.
+fn rank_each(
+    keys: &[u32],
+    counts: &mut Vec<u32>,
+    under: &mut Vec<u64>,
+    mut put: impl FnMut(usize, u32),
+) {
+    let Some((sh, lo)) = start_ranks(keys, counts, under) else {
+        return;
+    };
+    for (j, k) in keys.iter().enumerate() {
+        if let Some(b) = (k >> sh).checked_sub(lo) {
+            let c = &mut counts[b as usize];
+            put(j, *c);
+            *c += 1;
+        }
     }
-    let diff = (or ^ and) >> 32;
-    tmp.clear();
-    tmp.resize(v.len(), 0);
-    for byte in 0..4 {
-        let shift = 32 + byte * 8;
-        if (diff >> (byte * 8)) & 0xFF == 0 {
-            continue;
-        }
-        let mut count = [0usize; 256];
-        for x in v.iter() {
-            count[((x >> shift) & 0xFF) as usize] += 1;
-        }
-        let mut pos = [0usize; 256];
-        let mut acc = 0;
-        for (p, c) in pos.iter_mut().zip(&count) {
-            *p = acc;
-            acc += c;
-        }
-        for x in v.iter() {
-            let bkt = ((x >> shift) & 0xFF) as usize;
-            tmp[pos[bkt]] = *x;
-            pos[bkt] += 1;
-        }
-        std::mem::swap(v, tmp);
+    for (rank0, k) in under.iter().enumerate() {
+        put((*k & 0xFFFF_FFFF) as usize, rank0 as u32);
     }
+}
+
+/// `probs[j] = table[rank of keys[j]]` (ranks as [`rank_each`]), in one
+/// loop.
+fn probs_each(
+    keys: &[u32],
+    table: &[f32],
+    counts: &mut Vec<u32>,
+    under: &mut Vec<u64>,
+    probs: &mut [f32],
+) {
+    let Some((sh, lo)) = start_ranks(keys, counts, under) else {
+        return;
+    };
+    for (k, p) in keys.iter().zip(probs.iter_mut()) {
+        if let Some(b) = (k >> sh).checked_sub(lo) {
+            let c = &mut counts[b as usize];
+            *p = table[*c as usize];
+            *c += 1;
+        }
+    }
+    for (rank0, k) in under.iter().enumerate() {
+        probs[(*k & 0xFFFF_FFFF) as usize] = table[rank0];
+    }
+}
+
+/// The counting sort's set-up for [`rank_each`] / [`probs_each`]: keys are
+/// shifted right by `sh` (low bits no key sets: 16 for bfloat16); key values
+/// in the top `len / 2` (a window from `lo`) are counted and `counts[v -
+/// lo]` becomes the first rank of value `v`; keys below the window (zeros,
+/// tiny values: about a percent of a bfloat16 task-vector row) go to
+/// `under` as `(key << 32) | index`, sorted, and rank first. `None` when
+/// `keys` is empty.
+fn start_ranks(keys: &[u32], counts: &mut Vec<u32>, under: &mut Vec<u64>) -> Option<(u32, u32)> {
+    let len = keys.len();
+    if len == 0 {
+        return None;
+    }
+    let (mut lo, mut hi, mut or) = (u32::MAX, 0u32, 0u32);
+    for k in keys {
+        lo = lo.min(*k);
+        hi = hi.max(*k);
+        or |= *k;
+    }
+    let sh = or.trailing_zeros().min(31);
+    let (lo, hi) = (lo >> sh, hi >> sh);
+    let window = (len / 2).max(256) as u32;
+    let lo = lo.max(hi.saturating_sub(window - 1));
+    counts.clear();
+    counts.resize((hi - lo) as usize + 1, 0);
+    under.clear();
+    for (j, k) in keys.iter().enumerate() {
+        match (k >> sh).checked_sub(lo) {
+            Some(b) => counts[b as usize] += 1,
+            None => under.push(((*k as u64) << 32) | j as u64),
+        }
+    }
+    // index-unique, so a full order
+    under.sort_unstable();
+    let mut acc = under.len() as u32;
+    for c in counts.iter_mut() {
+        let v = *c;
+        *c = acc;
+        acc += v;
+    }
+    Some((sh, lo))
 }
 
 #[cfg(test)]
@@ -831,6 +962,61 @@ mod tests {
             same,
             "{method} {dt} {shape:?} {pm:?} {extra:?}: streamed differs"
         );
+    }
+
+    /// `ranks_of` is a stable ascending sort's destination, whatever the
+    /// spread of the keys (zeros, tiny values, NaN, all equal, wide f32).
+    #[test]
+    fn ranks_are_a_stable_sort() {
+        let s = Stream::new(3, "ranks", "x");
+        let cases: Vec<Vec<f32>> = vec![
+            (0..2048)
+                .map(|i| crate::dtype::bf16_round(s.uniform(i) - 0.5))
+                .collect(),
+            (0..2048)
+                .map(|i| {
+                    let u = s.uniform(i) - 0.5;
+                    match i % 7 {
+                        0 => 0.0,
+                        1 => u * 1e-30,
+                        2 => f32::NAN,
+                        _ => crate::dtype::bf16_round(u),
+                    }
+                })
+                .collect(),
+            vec![0.25; 700],
+            (0..3000).map(|i| (s.uniform(i) - 0.5) * 1e3).collect(),
+            vec![1.0],
+        ];
+        for d in cases {
+            let mut b = RankBufs::default();
+            b.keys32.extend(d.iter().map(|x| abs_key(*x)));
+            ranks_of(&mut b);
+            let mut order: Vec<usize> = (0..d.len()).collect();
+            order.sort_by_key(|&j| (abs_key(d[j]), j));
+            for (rank, j) in order.iter().enumerate() {
+                assert_eq!(b.ranks[*j] as usize, rank, "element {j} of {}", d.len());
+            }
+            // probabilities by rank, rounded to bfloat16 (steps) or not
+            let len = d.len();
+            for round in [true, false] {
+                let table: Vec<f32> = (0..len)
+                    .map(|r| {
+                        let p = 0.4 + 0.2 * r as f32 / (len as f32 - 1.0).max(1.0);
+                        if round {
+                            crate::dtype::bf16_round(p)
+                        } else {
+                            p
+                        }
+                    })
+                    .collect();
+                let mut probs = vec![f32::NAN; len];
+                probs_each(&b.keys32, &table, &mut b.counts, &mut b.keys, &mut probs);
+                for j in 0..len {
+                    assert_eq!(probs[j], table[b.ranks[j] as usize], "element {j} of {len}");
+                }
+            }
+        }
     }
 
     /// Streamed merges equal whole-tensor merges bit for bit, across block

@@ -437,6 +437,13 @@ pub fn sum_by(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
     parts.into_iter().sum()
 }
 
+/// Deterministic parallel Σ|x| in f64: per-[`BLOCK`] partial sums
+/// ([`crate::simd::abs_sum`], eight lanes) combined in block order.
+pub fn sum_abs(x: &[f32]) -> f64 {
+    let parts: Vec<f64> = x.par_chunks(BLOCK).map(crate::simd::abs_sum).collect();
+    parts.into_iter().sum()
+}
+
 /// Fills `out[i] = f(i)` in parallel.
 pub fn fill(out: &mut [f32], f: impl Fn(usize) -> f32 + Sync) {
     out.par_chunks_mut(BLOCK)

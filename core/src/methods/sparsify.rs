@@ -27,8 +27,8 @@ pub fn masked(
     if !rescale {
         return m;
     }
-    let before = dt.round(sum_by(delta.len(), |i| delta[i].abs() as f64) as f32);
-    let after = dt.round(sum_by(m.len(), |i| m[i].abs() as f64) as f32);
+    let before = dt.round(sum_abs(delta) as f32);
+    let after = dt.round(sum_abs(&m) as f32);
     if before < 1e-7 || after < 1e-7 {
         return m;
     }

@@ -75,10 +75,19 @@ pub fn lcm(a: usize, b: usize) -> usize {
 pub struct Scratch {
     pub bufs: Vec<Vec<f32>>,
     pub out: Vec<f32>,
-    pub keys: Vec<u64>,
-    pub tmp: Vec<u64>,
     pub flags: Vec<u8>,
     pub flags2: Vec<u8>,
+    pub rank: RankBufs,
+}
+
+/// Buffers of a ranking (DELLA).
+#[derive(Default)]
+pub struct RankBufs {
+    pub keys32: Vec<u32>,
+    pub ranks: Vec<u32>,
+    pub counts: Vec<u32>,
+    pub keys: Vec<u64>,
+    pub probs: Vec<f32>,
 }
 
 impl Scratch {
@@ -101,11 +110,27 @@ pub fn for_blocks<T: Send>(
     (0..nb)
         .into_par_iter()
         .with_max_len(1)
-        .map_init(Scratch::default, |s, b| {
-            let e0 = b * block;
-            f(s, b, e0, (e0 + block).min(n))
+        .map(|b| {
+            with_scratch(|s| {
+                let e0 = b * block;
+                f(s, b, e0, (e0 + block).min(n))
+            })
         })
         .collect()
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's [`Scratch`] (kept between blocks and passes,
+/// so buffers are neither reallocated nor zeroed per block; a fresh one if
+/// a nested call has it).
+pub fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
+    let mut s = SCRATCH.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    let r = f(&mut s);
+    SCRATCH.with(|c| *c.borrow_mut() = Some(s));
+    r
 }
 
 /// Exactly [`sum_by`]'s per-[`BLOCK`] partial sums of `f(i)` over a slice
@@ -142,7 +167,8 @@ pub struct Selection {
     pub ties: u64,
     /// How many keys equal `thr` in the whole tensor.
     pub eq_total: u64,
-    /// Per block: keys equal to `thr` in earlier blocks (when needed).
+    /// Per block: keys equal to `thr` in earlier blocks (when needed), and
+    /// the total last.
     pub eq_before: Vec<u64>,
 }
 
@@ -183,16 +209,7 @@ impl Selection {
         }
         // global position among the equal keys decides
         let mut pos = self.eq_before[b];
-        let take_from = if self.low_first {
-            0
-        } else {
-            self.eq_total - self.ties
-        };
-        let take_to = if self.low_first {
-            self.ties
-        } else {
-            self.eq_total
-        };
+        let (take_from, take_to) = self.take_range();
         for (i, s) in sel.iter_mut().enumerate() {
             if keys(i) == thr {
                 if pos >= take_from && pos < take_to {
@@ -200,6 +217,61 @@ impl Selection {
                 }
                 pos += 1;
             }
+        }
+    }
+
+    /// Which of the keys equal to `thr` (by position among them, in index
+    /// order) are selected.
+    fn take_range(&self) -> (u64, u64) {
+        if self.low_first {
+            (0, self.ties)
+        } else {
+            (self.eq_total - self.ties, self.eq_total)
+        }
+    }
+
+    /// Zeroes (+0.0) the elements of block `b` that are not selected, keys
+    /// being [`crate::simd::key`]`(x, flip)`: what [`Selection::mark`] and
+    /// a multiply by its flags give, vectorised.
+    pub fn apply(&self, b: usize, d: &mut [f32], flip: u32) {
+        use crate::simd::{keep_above, key};
+        if self.all() {
+            return;
+        }
+        if self.none() {
+            d.fill(0.0);
+            return;
+        }
+        let thr = self.thr;
+        if self.ties == 0 {
+            return keep_above(d, flip, thr, false);
+        }
+        if self.ties == self.eq_total {
+            return keep_above(d, flip, thr, true);
+        }
+        let (from, to) = self.take_range();
+        let (p0, p1) = (self.eq_before[b], self.eq_before[b + 1]);
+        if p1 <= from || p0 >= to {
+            return keep_above(d, flip, thr, false);
+        }
+        if p0 >= from && p1 <= to {
+            return keep_above(d, flip, thr, true);
+        }
+        // the block where the selection ends among the equal keys
+        let mut pos = p0;
+        for x in d.iter_mut() {
+            let k = key(*x, flip);
+            if k > thr {
+                continue;
+            }
+            if k == thr {
+                let keep = pos >= from && pos < to;
+                pos += 1;
+                if keep {
+                    continue;
+                }
+            }
+            *x = 0.0;
         }
     }
 }
