@@ -347,6 +347,72 @@ fn abs_sums_v4(d: &[f32], f: &[u8]) -> (f64, f64) {
     (lanes(aa), lanes(bb))
 }
 
+/// (Σa², Σb², Σab) in f64 (products exact), element `i` into lane `i % 8`,
+/// lanes combined by [`lanes`]: slerp's per-block statistics.
+pub fn sq_dot(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::V4 {
+        // SAFETY: `level` checked that the CPU has AVX-512F.
+        return unsafe { sq_dot_v4(a, b) };
+    }
+    sq_dot_generic(a, b)
+}
+
+fn sq_dot_generic(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
+    let (mut x, mut y, mut z) = ([0f64; 8], [0f64; 8], [0f64; 8]);
+    for (i, (p, q)) in a.iter().zip(b).enumerate() {
+        let (p, q) = (*p as f64, *q as f64);
+        x[i % 8] += p * p;
+        y[i % 8] += q * q;
+        z[i % 8] += p * q;
+    }
+    (lanes(x), lanes(y), lanes(z))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn sq_dot_v4(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let whole = n / 8 * 8;
+    let (mut x, mut y, mut z) = (
+        _mm512_setzero_pd(),
+        _mm512_setzero_pd(),
+        _mm512_setzero_pd(),
+    );
+    for (p, q) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+        // SAFETY: 8 f32 each (chunks_exact).
+        let (p, q) = unsafe { (_mm256_loadu_ps(p.as_ptr()), _mm256_loadu_ps(q.as_ptr())) };
+        let (p, q) = (_mm512_cvtps_pd(p), _mm512_cvtps_pd(q));
+        x = _mm512_add_pd(x, _mm512_mul_pd(p, p));
+        y = _mm512_add_pd(y, _mm512_mul_pd(q, q));
+        z = _mm512_add_pd(z, _mm512_mul_pd(p, q));
+    }
+    let (mut xx, mut yy, mut zz) = ([0f64; 8], [0f64; 8], [0f64; 8]);
+    // SAFETY: 8 f64 each.
+    unsafe {
+        _mm512_storeu_pd(xx.as_mut_ptr(), x);
+        _mm512_storeu_pd(yy.as_mut_ptr(), y);
+        _mm512_storeu_pd(zz.as_mut_ptr(), z);
+    }
+    for (l, (p, q)) in a[whole..n].iter().zip(&b[whole..n]).enumerate() {
+        let (p, q) = (*p as f64, *q as f64);
+        xx[l] += p * p;
+        yy[l] += q * q;
+        zz[l] += p * q;
+    }
+    (lanes(xx), lanes(yy), lanes(zz))
+}
+
+multiversion! {
+    /// `o[i] = c0·a[i] + c1·b[i]` (f32, no fused multiply-add).
+    pub fn lerp2(o: &mut [f32], a: &[f32], b: &[f32], c0: f32, c1: f32) {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = c0 * a + c1 * b;
+        }
+    }
+}
+
 /// Σ|x| in f64, element `i` into lane `i % 8`, lanes combined by
 /// [`lanes`]: the per-block partial sum of [`crate::methods::sum_abs`]
 /// (equal to [`abs_sums`]' first value).
@@ -408,6 +474,14 @@ mod tests {
             assert_eq!(a.to_bits(), ga.to_bits(), "{n}");
             assert_eq!(b.to_bits(), gb.to_bits(), "{n}");
             assert_eq!(super::abs_sum(&d).to_bits(), ga.to_bits(), "{n}");
+            let e: Vec<f32> = d.iter().rev().copied().collect();
+            let (x, y, z) = super::sq_dot(&d, &e);
+            let (gx, gy, gz) = super::sq_dot_generic(&d, &e);
+            assert_eq!(
+                (x.to_bits(), y.to_bits(), z.to_bits()),
+                (gx.to_bits(), gy.to_bits(), gz.to_bits()),
+                "{n}"
+            );
         }
     }
 

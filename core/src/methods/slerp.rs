@@ -82,17 +82,16 @@ impl MergeMethod for Slerp {
     ) -> Option<usize> {
         Some(BLOCK)
     }
-    /// Three passes over the inputs: the two norms, the dot product of the
-    /// normalised vectors, then the output — partial sums per [`BLOCK`] in
-    /// block order, exactly as [`slerp`]'s `sum_by`, so the bytes are those
-    /// of the whole-tensor merge.
+    /// Two passes over the inputs: the norms and dot product, then the
+    /// output — partial sums per [`BLOCK`] in block order, exactly as
+    /// [`slerp`]'s, so the bytes are those of the whole-tensor merge.
     fn merge_streamed(
         &self,
         job: stream::StreamJob,
         src: &dyn stream::BlockSource,
         emit: stream::Emit,
     ) -> Result<()> {
-        use stream::{block_size, for_blocks, partial_sums, total};
+        use stream::{block_size, for_blocks, total};
         let n = job.numel();
         let block = block_size(job.block, BLOCK);
         if job.n_inputs == 1 {
@@ -114,46 +113,31 @@ impl MergeMethod for Slerp {
             .ok_or_else(|| job.err("slerp: base model not in input tensors"))?;
         let b1 = 1 - b0;
         let t = job.global("t");
-        // pass 1: squared norms
+        // pass 1: squared norms and the dot product
         let parts = for_blocks(n, block, |s, _, e0, e1| {
             s.ensure(2);
             let (x, rest) = s.bufs.split_at_mut(1);
             src.read(b0, e0, e1, &mut x[0])?;
             src.read(b1, e0, e1, &mut rest[0])?;
-            let (v0, v1) = (&x[0], &rest[0]);
-            Ok((
-                partial_sums(v0.len(), |i| (v0[i] as f64) * (v0[i] as f64)),
-                partial_sums(v1.len(), |i| (v1[i] as f64) * (v1[i] as f64)),
-            ))
+            Ok(x[0]
+                .chunks(BLOCK)
+                .zip(rest[0].chunks(BLOCK))
+                .map(|(a, b)| crate::simd::sq_dot(a, b))
+                .collect::<Vec<_>>())
         })?;
-        let n0 = total(parts.iter().flat_map(|p| p.0.iter().copied())).sqrt() as f32;
-        let n1 = total(parts.iter().flat_map(|p| p.1.iter().copied())).sqrt() as f32;
-        let eps = 1e-8f32;
-        let s0 = if n0 > eps { n0 } else { 1.0 };
-        let s1 = if n1 > eps { n1 } else { 1.0 };
-        // pass 2: dot product of the normalised vectors
-        let parts = for_blocks(n, block, |s, _, e0, e1| {
-            s.ensure(2);
-            let (x, rest) = s.bufs.split_at_mut(1);
-            src.read(b0, e0, e1, &mut x[0])?;
-            src.read(b1, e0, e1, &mut rest[0])?;
-            let (v0, v1) = (&x[0], &rest[0]);
-            Ok(partial_sums(v0.len(), |i| {
-                ((v0[i] / s0) * (v1[i] / s1)) as f64
-            }))
-        })?;
-        let dot = total(parts.into_iter().flatten()) as f32;
-        let (c0, c1) = coefficients(t, dot);
-        // pass 3: the output
+        let sum = |f: fn(&(f64, f64, f64)) -> f64| total(parts.iter().flatten().map(f));
+        let (c0, c1) = coefficients(t, stats(sum(|p| p.0), sum(|p| p.1), sum(|p| p.2)));
+        // pass 2: the output
         for_blocks(n, block, |s, _, e0, e1| {
             s.ensure(2);
             let (x, rest) = s.bufs.split_at_mut(1);
             src.read(b0, e0, e1, &mut x[0])?;
             src.read(b1, e0, e1, &mut rest[0])?;
             let (v0, v1) = (&x[0], &rest[0]);
-            s.out.clear();
-            s.out
-                .extend(v0.iter().zip(v1).map(|(a, b)| c0 * a + c1 * b));
+            // every element is written
+            s.out.truncate(v0.len());
+            s.out.resize(v0.len(), 0.0);
+            crate::simd::lerp2(&mut s.out, v0, v1, c0, c1);
             emit(e0, &s.out)
         })
         .map(|_| ())
@@ -173,16 +157,32 @@ fn coefficients(t: f64, dot: f32) -> (f32, f32) {
     ((theta0 - theta_t).sin() / sin0, sin_t / sin0)
 }
 
-/// mergekit's numpy slerp in f32: returns f32 values.
-pub fn slerp(t: f64, v0: &[f32], v1: &[f32]) -> Vec<f32> {
+/// The dot product of the normalised vectors from Σv0², Σv1² and Σv0·v1:
+/// mergekit divides each vector by its norm (when above 1e-8) first; here
+/// the f64 dot product is divided by the norms instead (one statistics pass
+/// when streamed).
+fn stats(sq0: f64, sq1: f64, dot: f64) -> f32 {
     let eps = 1e-8f32;
-    let n0 = norm(v0);
-    let n1 = norm(v1);
+    let (n0, n1) = (sq0.sqrt() as f32, sq1.sqrt() as f32);
     let s0 = if n0 > eps { n0 } else { 1.0 };
     let s1 = if n1 > eps { n1 } else { 1.0 };
-    let dot = sum_by(v0.len(), |i| ((v0[i] / s0) * (v1[i] / s1)) as f64) as f32;
-    let (c0, c1) = coefficients(t, dot);
-    map_n(v0.len(), |i| c0 * v0[i] + c1 * v1[i])
+    (dot / (s0 as f64 * s1 as f64)) as f32
+}
+
+/// mergekit's numpy slerp in f32: returns f32 values.
+pub fn slerp(t: f64, v0: &[f32], v1: &[f32]) -> Vec<f32> {
+    let parts: Vec<(f64, f64, f64)> = v0
+        .par_chunks(BLOCK)
+        .zip(v1.par_chunks(BLOCK))
+        .map(|(a, b)| crate::simd::sq_dot(a, b))
+        .collect();
+    let sum = |f: fn(&(f64, f64, f64)) -> f64| parts.iter().map(f).sum::<f64>();
+    let (c0, c1) = coefficients(t, stats(sum(|p| p.0), sum(|p| p.1), sum(|p| p.2)));
+    let mut out = vec![0f32; v0.len()];
+    out.par_chunks_mut(BLOCK)
+        .zip(v0.par_chunks(BLOCK).zip(v1.par_chunks(BLOCK)))
+        .for_each(|(o, (a, b))| crate::simd::lerp2(o, a, b, c0, c1));
+    out
 }
 
 #[cfg(test)]

@@ -5,9 +5,9 @@
 //! size, and results are bit-identical to the whole-tensor kernels.
 //!
 //! Determinism: every statistic is either an integer count (order-free) or
-//! an f64 sum made exactly like [`sum_by`] (partial sums over fixed
-//! [`BLOCK`]-element blocks, combined in block order), and blocks are
-//! multiples of [`BLOCK`], so the thread count never changes a bit.
+//! an f64 sum of per-[`BLOCK`] partial sums (fixed order within a block,
+//! blocks combined in order, as the whole-tensor kernels do), and blocks
+//! are multiples of [`BLOCK`], so the thread count never changes a bit.
 
 use rayon::prelude::*;
 
@@ -133,23 +133,7 @@ pub fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
     r
 }
 
-/// Exactly [`sum_by`]'s per-[`BLOCK`] partial sums of `f(i)` over a slice
-/// that starts at a multiple of [`BLOCK`].
-pub fn partial_sums(len: usize, f: impl Fn(usize) -> f64) -> Vec<f64> {
-    (0..len.div_ceil(BLOCK))
-        .map(|b| {
-            let lo = b * BLOCK;
-            let hi = (lo + BLOCK).min(len);
-            let mut s = 0.0f64;
-            for i in lo..hi {
-                s += f(i);
-            }
-            s
-        })
-        .collect()
-}
-
-/// Combines per-block partial sums the way [`sum_by`] does.
+/// Combines per-block partial sums in block order (as the whole-tensor kernels do).
 pub fn total(parts: impl IntoIterator<Item = f64>) -> f64 {
     parts.into_iter().sum()
 }
