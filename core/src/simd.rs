@@ -282,6 +282,16 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// Counting-sort bins: `(k >> sh) - lo + 1`, or 0 below `lo`
+    /// (`k >> sh` < 2³¹).
+    pub fn bins_of(keys: &[u32], sh: u32, lo: u32, bins: &mut [u32]) {
+        for (b, k) in bins.iter_mut().zip(keys) {
+            *b = ((k >> sh) + 1).max(lo) - lo;
+        }
+    }
+}
+
 /// Sums eight lanes of f64 in a fixed order.
 #[inline(always)]
 fn lanes(a: [f64; 8]) -> f64 {

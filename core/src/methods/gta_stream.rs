@@ -735,7 +735,7 @@ fn della_block(
                 let mut probs = std::mem::take(&mut s.probs);
                 probs.clear();
                 probs.resize(len, 0.0);
-                probs_each(&s.keys32, table, &mut s.counts, &mut s.keys, &mut probs);
+                probs_each(s, table, &mut probs);
                 crate::simd::della_flags(
                     &mut flags[base..base + len],
                     &probs,
@@ -744,7 +744,7 @@ fn della_block(
                 );
                 s.probs = probs;
             } else {
-                rank_each(&s.keys32, &mut s.counts, &mut s.keys, |j, r| {
+                rank_each(s, |j, r| {
                     let i = base + j * inner + c;
                     flags[i] = stream.bernoulli((e0 + i) as u64, table[r as usize]) as u8;
                 });
@@ -753,75 +753,59 @@ fn della_block(
     }
 }
 
-/// `s.ranks[j]`: the rank of `s.keys32[j]` in ascending order, ties by
-/// index (a stable sort's destination); see [`rank_each`].
+/// `s.ranks[j]`: the rank of `s.keys32[j]` (see [`rank_each`]).
 #[cfg(test)]
 fn ranks_of(s: &mut RankBufs) {
-    let mut ranks = std::mem::take(&mut s.ranks);
-    ranks.clear();
-    ranks.resize(s.keys32.len(), 0);
-    rank_each(&s.keys32, &mut s.counts, &mut s.keys, |j, r| ranks[j] = r);
+    let mut ranks = vec![0; s.keys32.len()];
+    rank_each(s, |j, r| ranks[j] = r);
     s.ranks = ranks;
 }
 
 /// Calls `put(j, rank)` with the rank of `keys[j]` in ascending order, ties
 /// by index (a stable sort's destination), for every `j`.
-fn rank_each(
-    keys: &[u32],
-    counts: &mut Vec<u32>,
-    under: &mut Vec<u64>,
-    mut put: impl FnMut(usize, u32),
-) {
-    let Some((sh, lo)) = start_ranks(keys, counts, under) else {
-        return;
-    };
-    for (j, k) in keys.iter().enumerate() {
-        if let Some(b) = (k >> sh).checked_sub(lo) {
-            let c = &mut counts[b as usize];
-            put(j, *c);
-            *c += 1;
-        }
+fn rank_each(s: &mut RankBufs, mut put: impl FnMut(usize, u32)) {
+    start_ranks(s);
+    for (j, b) in s.bins.iter().enumerate() {
+        let c = &mut s.counts[*b as usize];
+        put(j, *c);
+        *c += 1;
     }
-    for (rank0, k) in under.iter().enumerate() {
+    for (rank0, k) in s.keys.iter().enumerate() {
         put((*k & 0xFFFF_FFFF) as usize, rank0 as u32);
     }
 }
 
 /// `probs[j] = table[rank of keys[j]]` (ranks as [`rank_each`]), in one
 /// loop.
-fn probs_each(
-    keys: &[u32],
-    table: &[f32],
-    counts: &mut Vec<u32>,
-    under: &mut Vec<u64>,
-    probs: &mut [f32],
-) {
-    let Some((sh, lo)) = start_ranks(keys, counts, under) else {
-        return;
-    };
-    for (k, p) in keys.iter().zip(probs.iter_mut()) {
-        if let Some(b) = (k >> sh).checked_sub(lo) {
-            let c = &mut counts[b as usize];
-            *p = table[*c as usize];
-            *c += 1;
-        }
+fn probs_each(s: &mut RankBufs, table: &[f32], probs: &mut [f32]) {
+    start_ranks(s);
+    for (b, p) in s.bins.iter().zip(probs.iter_mut()) {
+        let c = &mut s.counts[*b as usize];
+        *p = table[*c as usize];
+        *c += 1;
     }
-    for (rank0, k) in under.iter().enumerate() {
+    // keys under the window, in key order
+    for (rank0, k) in s.keys.iter().enumerate() {
         probs[(*k & 0xFFFF_FFFF) as usize] = table[rank0];
     }
 }
 
-/// The counting sort's set-up for [`rank_each`] / [`probs_each`]: keys are
-/// shifted right by `sh` (low bits no key sets: 16 for bfloat16); key values
-/// in the top `len / 2` (a window from `lo`) are counted and `counts[v -
-/// lo]` becomes the first rank of value `v`; keys below the window (zeros,
-/// tiny values: about a percent of a bfloat16 task-vector row) go to
-/// `under` as `(key << 32) | index`, sorted, and rank first. `None` when
-/// `keys` is empty.
-fn start_ranks(keys: &[u32], counts: &mut Vec<u32>, under: &mut Vec<u64>) -> Option<(u32, u32)> {
+/// The counting sort's set-up for [`rank_each`] / [`probs_each`] over
+/// `s.keys32`. Keys are shifted right by the low bits no key sets (16 for
+/// bfloat16); key values in the top `len / 2` (a window) get bins 1.., the
+/// rest (zeros, tiny values: about a percent of a bfloat16 task-vector
+/// row) bin 0 and also `s.keys` as `(key << 32) | index`, sorted: they rank
+/// first. Then `s.counts[b]` is the first rank of bin `b` (bin 0's ranks
+/// are overwritten from `s.keys`). Branch-free bins and counts: a counting
+/// loop that tests the window per element runs about half as fast.
+fn start_ranks(s: &mut RankBufs) {
+    let keys = &s.keys32;
     let len = keys.len();
+    s.bins.clear();
+    s.keys.clear();
+    s.counts.clear();
     if len == 0 {
-        return None;
+        return;
     }
     let (mut lo, mut hi, mut or) = (u32::MAX, 0u32, 0u32);
     for k in keys {
@@ -833,24 +817,36 @@ fn start_ranks(keys: &[u32], counts: &mut Vec<u32>, under: &mut Vec<u64>) -> Opt
     let (lo, hi) = (lo >> sh, hi >> sh);
     let window = (len / 2).max(256) as u32;
     let lo = lo.max(hi.saturating_sub(window - 1));
-    counts.clear();
-    counts.resize((hi - lo) as usize + 1, 0);
-    under.clear();
-    for (j, k) in keys.iter().enumerate() {
-        match (k >> sh).checked_sub(lo) {
-            Some(b) => counts[b as usize] += 1,
-            None => under.push(((*k as u64) << 32) | j as u64),
-        }
+    // bin = key - lo + 1, or 0 under the window
+    s.bins.resize(len, 0);
+    crate::simd::bins_of(keys, sh, lo, &mut s.bins);
+    s.counts.resize((hi - lo) as usize + 2, 0);
+    for b in &s.bins {
+        s.counts[*b as usize] += 1;
     }
-    // index-unique, so a full order
-    under.sort_unstable();
-    let mut acc = under.len() as u32;
-    for c in counts.iter_mut() {
+    let under = s.counts[0];
+    if under != 0 {
+        // a few per row: skip 16-bin chunks without any
+        for (q, ch) in s.bins.chunks(16).enumerate() {
+            if ch.iter().fold(u32::MAX, |a, b| a.min(*b)) != 0 {
+                continue;
+            }
+            for (jj, b) in ch.iter().enumerate() {
+                if *b == 0 {
+                    let j = q * 16 + jj;
+                    s.keys.push(((keys[j] as u64) << 32) | j as u64);
+                }
+            }
+        }
+        // index-unique, so a full order
+        s.keys.sort_unstable();
+    }
+    let mut acc = 0u32;
+    for c in s.counts.iter_mut() {
         let v = *c;
         *c = acc;
         acc += v;
     }
-    Some((sh, lo))
 }
 
 #[cfg(test)]
@@ -1011,7 +1007,7 @@ mod tests {
                     })
                     .collect();
                 let mut probs = vec![f32::NAN; len];
-                probs_each(&b.keys32, &table, &mut b.counts, &mut b.keys, &mut probs);
+                probs_each(&mut b, &table, &mut probs);
                 for j in 0..len {
                     assert_eq!(probs[j], table[b.ranks[j] as usize], "element {j} of {len}");
                 }

@@ -88,6 +88,7 @@ pub struct RankBufs {
     pub counts: Vec<u32>,
     pub keys: Vec<u64>,
     pub probs: Vec<f32>,
+    pub bins: Vec<u32>,
 }
 
 impl Scratch {
