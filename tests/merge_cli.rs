@@ -747,8 +747,8 @@ fn unknown_architectures_are_inferred_from_tensor_names() {
 }
 
 /// The vectorised kernels (AVX2 / AVX-512, picked at run time) give the same
-/// bytes as the baseline ones (`SMELT_NO_SIMD=1`), on tensors large enough
-/// to be merged streamed.
+/// bytes as the baseline ones (`SMELT_NO_SIMD=1`), and 1 thread the same as
+/// 2, on tensors large enough to be merged streamed.
 #[test]
 fn simd_kernels_give_the_same_bytes_as_baseline_ones() {
     let tmp = tempfile::tempdir().unwrap();
@@ -776,27 +776,33 @@ fn simd_kernels_give_the_same_bytes_as_baseline_ones() {
         };
         let cfg = tmp.path().join(format!("{method}.yml"));
         write(&cfg, &yaml_models(method, &models, Some(&ms[0]), extra));
-        let run = |name: &str, no_simd: bool| {
+        let run = |name: &str, no_simd: bool, threads: &str| {
             let out = tmp.path().join(name);
             let mut c = smelt();
             c.current_dir(tmp.path())
                 .arg("merge")
                 .arg(&cfg)
                 .arg(&out)
-                .args(["--quiet", "--random-seed", "3"]);
+                .args(["--quiet", "--random-seed", "3", "--threads", threads]);
             if no_simd {
                 c.env("SMELT_NO_SIMD", "1");
             }
             assert_ok(&c.output().unwrap());
             dir_bytes(&out)
         };
-        let (on, off) = (
-            run(&format!("{method}-simd"), false),
-            run(&format!("{method}-base"), true),
+        let (on, off, one) = (
+            run(&format!("{method}-simd"), false, "2"),
+            run(&format!("{method}-base"), true, "2"),
+            run(&format!("{method}-t1"), false, "1"),
         );
         assert!(
             on["model.safetensors"] == off["model.safetensors"],
             "{method}: vectorised and baseline kernels differ"
+        );
+        // TIES counts its boundary keys in block order across workers
+        assert!(
+            on["model.safetensors"] == one["model.safetensors"],
+            "{method}: 1 and 2 threads differ"
         );
     }
 }

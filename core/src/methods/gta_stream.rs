@@ -279,6 +279,8 @@ impl GeneralizedTaskArithmetic {
             Ok(())
         };
 
+        // selections whose boundary keys the output pass counts
+        let mut ordered: Vec<usize> = Vec::new();
         // 1. histograms for the selections
         let active: Vec<usize> = (0..sels.len())
             .filter(|&j| !sels[j].s.all() && !sels[j].s.none())
@@ -345,7 +347,15 @@ impl GeneralizedTaskArithmetic {
                 .copied()
                 .filter(|&j| sels[j].s.needs_counts())
                 .collect();
-            if !counted.is_empty() {
+            // a plain top-k whose masks only the output pass needs counts
+            // there, in block order (see `for_blocks_ordered`)
+            let in_output = |j: usize| {
+                let m = &models[sels[j].model];
+                matches!(m.sp, Sp::Top(jj) if jj == j) && !m.rescale
+            };
+            if counted.iter().all(|&j| in_output(j)) {
+                ordered = counted;
+            } else if !counted.is_empty() {
                 let cm: Vec<usize> = dedup(counted.iter().map(|&j| sels[j].model));
                 let slot_of = |m: usize| 1 + cm.iter().position(|x| *x == m).expect("model");
                 let per_block: Vec<Vec<u64>> = for_blocks(n, block, |s, _, e0, e1| {
@@ -489,13 +499,32 @@ impl GeneralizedTaskArithmetic {
         // 4. output
         let weights: Vec<f32> = models.iter().map(|m| m.w).collect();
         let consensus = self.consensus;
-        for_blocks(n, block, |s, bi, e0, e1| {
+        let ordered_slot = |j: usize| ordered.iter().position(|x| *x == j);
+        // read and Δ of every model; counts of the boundary keys in `ordered`
+        let pre = |s: &mut Scratch, e0: usize, e1: usize| -> Result<Vec<u64>> {
             s.ensure(1 + models.len());
             let mut base = std::mem::take(&mut s.bufs[0]);
             src.read(b, e0, e1, &mut base)?;
             s.bufs[0] = base;
             for m in 0..models.len() {
                 delta(s, m, m + 1, e0, e1)?;
+            }
+            Ok(ordered
+                .iter()
+                .map(|&j| {
+                    let sel = &sels[j];
+                    crate::simd::count_eq(&s.bufs[sel.model + 1], sel.kind.flip(), sel.s.thr)
+                })
+                .collect())
+        };
+        let post = |s: &mut Scratch,
+                    bi: usize,
+                    e0: usize,
+                    e1: usize,
+                    before: &[u64],
+                    own: &[u64]|
+         -> Result<()> {
+            for m in 0..models.len() {
                 if matches!(models[m].sp, Sp::Keep) {
                     continue;
                 }
@@ -505,7 +534,15 @@ impl GeneralizedTaskArithmetic {
                     (Sp::Zero, None) => s.bufs[m + 1].fill(0.0),
                     (Sp::Top(j), None) => {
                         let sel = &sels[*j];
-                        sel.s.apply(bi, &mut s.bufs[m + 1], sel.kind.flip());
+                        let d = &mut s.bufs[m + 1];
+                        match ordered_slot(*j) {
+                            Some(q) => sel.s.apply_with(
+                                || (before[q], before[q] + own[q]),
+                                d,
+                                sel.kind.flip(),
+                            ),
+                            None => sel.s.apply(bi, d, sel.kind.flip()),
+                        }
                     }
                     (Sp::Random(p), None) => {
                         crate::simd::keep_random(&mut s.bufs[m + 1], model.stream, e0 as u64, *p)
@@ -561,7 +598,15 @@ impl GeneralizedTaskArithmetic {
             let res = emit(e0, &out);
             s.out = out;
             res
-        })?;
+        };
+        if ordered.is_empty() {
+            for_blocks(n, block, |s, bi, e0, e1| {
+                pre(s, e0, e1)?;
+                post(s, bi, e0, e1, &[], &[])
+            })?;
+        } else {
+            for_blocks_ordered(n, block, ordered.len(), |s, _, e0, e1| pre(s, e0, e1), post)?;
+        }
         Ok(())
     }
 }

@@ -120,6 +120,89 @@ pub fn for_blocks<T: Send>(
         .collect()
 }
 
+/// Runs every block like [`for_blocks`], in two steps: `pre(scratch, block,
+/// e0, e1)` returns `k` counts of the block; then, once every earlier block
+/// has published its counts, `post(scratch, block, e0, e1, before, own)`
+/// gets the sums of the counts of all earlier blocks (`before`) and its own.
+/// Blocks are claimed in order, and a block publishes before its `post`, so
+/// a waiting block only waits on blocks that running workers hold. Saves a
+/// whole pass when a block's work needs a running count (TIES's equal keys
+/// at the threshold).
+pub fn for_blocks_ordered(
+    n: usize,
+    block: usize,
+    k: usize,
+    pre: impl Fn(&mut Scratch, usize, usize, usize) -> Result<Vec<u64>> + Sync,
+    post: impl Fn(&mut Scratch, usize, usize, usize, &[u64], &[u64]) -> Result<()> + Sync,
+) -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Condvar, Mutex};
+    struct State {
+        /// Blocks that have published.
+        done: usize,
+        /// Counts of blocks `0..done`.
+        sums: Vec<u64>,
+        failed: Option<Error>,
+    }
+    let nb = n.div_ceil(block);
+    let next = AtomicUsize::new(0);
+    let state = Mutex::new(State {
+        done: 0,
+        sums: vec![0; k],
+        failed: None,
+    });
+    let cv = Condvar::new();
+    let fail = |e: Error| {
+        let mut g = state.lock().unwrap_or_else(|p| p.into_inner());
+        g.failed.get_or_insert(e);
+        cv.notify_all();
+    };
+    let work = || {
+        loop {
+            let bi = next.fetch_add(1, Ordering::SeqCst);
+            if bi >= nb {
+                return;
+            }
+            let (e0, e1) = (bi * block, ((bi + 1) * block).min(n));
+            let r = with_scratch(|s| -> Result<bool> {
+                let own = pre(s, bi, e0, e1);
+                let mut g = state.lock().unwrap_or_else(|p| p.into_inner());
+                while g.done < bi && g.failed.is_none() {
+                    g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                if g.failed.is_some() {
+                    return Ok(false);
+                }
+                let own = own?;
+                let before = g.sums.clone();
+                for (a, c) in g.sums.iter_mut().zip(&own) {
+                    *a += c;
+                }
+                g.done = bi + 1;
+                drop(g);
+                cv.notify_all();
+                post(s, bi, e0, e1, &before, &own)?;
+                Ok(true)
+            });
+            match r {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => return fail(e),
+            }
+        }
+    };
+    let workers = rayon::current_num_threads().clamp(1, nb.max(1));
+    rayon::scope(|sc| {
+        for _ in 0..workers {
+            sc.spawn(|_| work());
+        }
+    });
+    match state.into_inner().unwrap_or_else(|p| p.into_inner()).failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 thread_local! {
     static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
 }
@@ -219,6 +302,12 @@ impl Selection {
     /// being [`crate::simd::key`]`(x, flip)`: what [`Selection::mark`] and
     /// a multiply by its flags give, vectorised.
     pub fn apply(&self, b: usize, d: &mut [f32], flip: u32) {
+        self.apply_with(|| (self.eq_before[b], self.eq_before[b + 1]), d, flip)
+    }
+
+    /// [`Selection::apply`] with the block's `(keys equal to thr before it,
+    /// and up to its end)` given by `eq` (asked only when needed).
+    pub fn apply_with(&self, eq: impl FnOnce() -> (u64, u64), d: &mut [f32], flip: u32) {
         use crate::simd::{keep_above, key};
         if self.all() {
             return;
@@ -235,7 +324,7 @@ impl Selection {
             return keep_above(d, flip, thr, true);
         }
         let (from, to) = self.take_range();
-        let (p0, p1) = (self.eq_before[b], self.eq_before[b + 1]);
+        let (p0, p1) = eq();
         if p1 <= from || p0 >= to {
             return keep_above(d, flip, thr, false);
         }
@@ -304,4 +393,61 @@ pub fn pick_bin(h: &[u64], k: u64) -> (usize, u64) {
         cum += h[b];
     }
     (0, cum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Every block sees the sum of the counts of the blocks before it,
+    /// whatever order the workers finish in; an error in any step comes
+    /// back (and nothing hangs).
+    #[test]
+    fn ordered_blocks_see_their_prefix_and_fail_cleanly() {
+        let n = 1000;
+        let got = Mutex::new(vec![(0u64, 0u64); 100]);
+        for_blocks_ordered(
+            n,
+            10,
+            1,
+            |_, bi, _, _| {
+                // uneven work so workers overtake each other
+                std::thread::sleep(std::time::Duration::from_micros((bi as u64 * 37) % 300));
+                Ok(vec![bi as u64 % 7])
+            },
+            |_, bi, _, _, before, own| {
+                got.lock().unwrap()[bi] = (before[0], own[0]);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let got = got.into_inner().unwrap();
+        let mut acc = 0;
+        for (bi, (before, own)) in got.iter().enumerate() {
+            assert_eq!((*before, *own), (acc, bi as u64 % 7), "block {bi}");
+            acc += own;
+        }
+        for fail_pre in [true, false] {
+            let r = for_blocks_ordered(
+                n,
+                10,
+                1,
+                |_, bi, _, _| {
+                    if fail_pre && bi == 37 {
+                        return Err(Error::tensor("t", "read failed"));
+                    }
+                    Ok(vec![1])
+                },
+                |_, bi, _, _, _, _| {
+                    if !fail_pre && bi == 50 {
+                        return Err(Error::tensor("t", "write failed"));
+                    }
+                    Ok(())
+                },
+            );
+            let e = r.expect_err("an error").to_string();
+            assert!(e.contains(if fail_pre { "read failed" } else { "write failed" }), "{e}");
+        }
+    }
 }
