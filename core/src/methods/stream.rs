@@ -447,7 +447,12 @@ mod tests {
                 },
             );
             let e = r.expect_err("an error").to_string();
-            assert!(e.contains(if fail_pre { "read failed" } else { "write failed" }), "{e}");
+            let want = if fail_pre {
+                "read failed"
+            } else {
+                "write failed"
+            };
+            assert!(e.contains(want), "{e}");
         }
     }
 }
