@@ -13,6 +13,7 @@
 //! agree to ~1e-5 on CPU.
 
 pub mod config;
+pub mod cpu;
 pub mod external;
 pub mod generate;
 pub mod gguf;

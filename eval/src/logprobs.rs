@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 use serde_json::{Value, json};
 
 use crate::model::{LoadedModel, Model};
@@ -169,10 +169,7 @@ pub(crate) fn gather_logprobs(
     for (r, tg) in rows.chunks(LOGIT_ROWS).zip(targets.chunks(LOGIT_ROWS)) {
         let idx = c(Tensor::from_vec(r.to_vec(), r.len(), dev))?;
         let hs = c(hidden.index_select(&idx, 0))?;
-        let lp = model.log_probs(&hs)?;
-        let tgt = c(Tensor::from_vec(tg.to_vec(), (tg.len(), 1), dev))?;
-        let picked = c(c(lp.gather(&tgt, D::Minus1))?.flatten_all())?;
-        out.extend(c(picked.to_vec1::<f32>())?);
+        out.extend(model.pick_log_probs(&hs, tg)?);
     }
     Ok(out)
 }

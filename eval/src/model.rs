@@ -7,23 +7,97 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{D, DType, Device, Storage, Tensor};
 use serde_json::Value;
 
 use crate::config::{Activation, AttentionKind, ModelConfig, rope_frequencies};
+use crate::cpu;
 use crate::tokenizer::TextTokenizer;
 use crate::{Ctx, Result, c, err};
 
+/// A weight matrix `[out, in]`: a contiguous candle tensor, or packed for
+/// the CPU GEMM (`cpu::matmul`) where that runs.
+enum Weight {
+    Tensor(Tensor),
+    Packed(cpu::Packed),
+}
+
+impl Weight {
+    fn new(t: Tensor, pack: bool) -> Result<Weight> {
+        if !pack {
+            return Ok(Weight::Tensor(t));
+        }
+        let (n, k) = c(t.dims2())?;
+        Ok(Weight::Packed(with_slice(&t, |w| {
+            cpu::Packed::new(w, n, k)
+        })?))
+    }
+
+    /// `x`: `[rows, in]` → `[rows, out]`.
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Tensor(w) => c(x.matmul(&c(w.t())?)),
+            Weight::Packed(p) => {
+                let (rows, _) = c(x.dims2())?;
+                let y = packed_matmul(x, p)?;
+                c(Tensor::from_vec(y, (rows, p.rows()), x.device()))
+            }
+        }
+    }
+}
+
+/// `x · wᵀ` through the packed GEMM, as a plain vector.
+fn packed_matmul(x: &Tensor, p: &cpu::Packed) -> Result<Vec<f32>> {
+    let (rows, inp) = c(x.dims2())?;
+    if inp != p.cols() {
+        return err(format!(
+            "matmul: input has {inp} features, the weight expects {}",
+            p.cols()
+        ));
+    }
+    with_slice(x, |xs| cpu::matmul_vec(xs, rows, p))
+}
+
+/// Runs `f` on the f32 values of a CPU tensor, in row-major order.
+fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = c(t.contiguous())?;
+    let (st, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*st else {
+        return err("packed kernels need a CPU tensor");
+    };
+    let all = c(s.as_slice::<f32>())?;
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        return err("packed kernels need a contiguous tensor");
+    };
+    Ok(f(&all[a..b]))
+}
+
 struct Linear {
-    /// `[out, in]`, contiguous.
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
+    /// On the packed path: `x · wᵀ + bias` as a plain `[n, out]` vector.
+    fn packed_vec(&self, x: &Tensor) -> Result<Option<Vec<f32>>> {
+        let Weight::Packed(p) = &self.weight else {
+            return Ok(None);
+        };
+        let mut y = packed_matmul(x, p)?;
+        if let Some(b) = &self.bias {
+            let b = c(b.to_vec1::<f32>())?;
+            for row in y.chunks_mut(b.len()) {
+                for (v, &bv) in row.iter_mut().zip(&b) {
+                    *v += bv;
+                }
+            }
+        }
+        Ok(Some(y))
+    }
+
     /// `x`: `[n, in]` → `[n, out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = c(x.matmul(&c(self.weight.t())?))?;
+        let y = self.weight.matmul(x)?;
         match &self.bias {
             Some(b) => c(y.broadcast_add(b)),
             None => Ok(y),
@@ -54,7 +128,9 @@ pub struct Model {
     layers: Vec<Layer>,
     norm: Tensor,
     /// `[vocab, hidden]` (the embedding when tied).
-    lm_head: Tensor,
+    lm_head: Weight,
+    /// Packed CPU kernels (GEMM, fused attention and SwiGLU) in use.
+    packed: bool,
 }
 
 /// Key/value cache of a batch: per layer `[B, kv_heads, T, head_dim]`, and
@@ -126,9 +202,23 @@ impl Model {
     /// reported by name.
     pub fn from_candle_tensors(
         config: ModelConfig,
-        mut map: HashMap<String, Tensor>,
+        map: HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Model> {
+        let pack = device.is_cpu() && cpu::available();
+        Model::build(config, map, device, pack)
+    }
+
+    /// As [`Model::from_candle_tensors`]; `pack` chooses the packed CPU
+    /// kernels (AVX-512 only; see [`crate::cpu`]) over candle's ops —
+    /// `false` forces candle's, for comparisons.
+    pub fn build(
+        config: ModelConfig,
+        mut map: HashMap<String, Tensor>,
+        device: &Device,
+        pack: bool,
+    ) -> Result<Model> {
+        let pack = pack && device.is_cpu() && cpu::available();
         let cfg = &config;
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
@@ -161,7 +251,10 @@ impl Model {
                     }
                     None => None,
                 };
-                Ok(Linear { weight, bias })
+                Ok(Linear {
+                    weight: Weight::new(weight, pack)?,
+                    bias,
+                })
             };
             let q = lin(&mut map, "self_attn.q_proj", nh * hd, h)?;
             let k = lin(&mut map, "self_attn.k_proj", nkv * hd, h)?;
@@ -222,10 +315,10 @@ impl Model {
                         cfg.vocab_size
                     ));
                 }
-                to_f32(t, device, "lm_head.weight")?
+                Weight::new(to_f32(t, device, "lm_head.weight")?, pack)?
             }
             // Tied (or absent, which transformers also resolves by tying).
-            _ => embed.clone(),
+            _ => Weight::new(embed.clone(), pack)?,
         };
         Ok(Model {
             config,
@@ -234,6 +327,7 @@ impl Model {
             layers,
             norm,
             lm_head,
+            packed: pack,
         })
     }
 
@@ -262,6 +356,11 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Whether the packed CPU kernels run this model.
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -330,8 +429,8 @@ impl Model {
         let cos = c(Tensor::from_vec(cos, (b, t, half), &self.device))?;
         let sin = c(Tensor::from_vec(sin, (b, t, half), &self.device))?;
 
-        // Additive masks [B, 1, T, Tk], one per distinct window.
-        let mut masks: HashMap<Option<usize>, Tensor> = HashMap::new();
+        // Additive masks [B, (1,) T, Tk], one per distinct window.
+        let mut masks: HashMap<Option<usize>, Vec<f32>> = HashMap::new();
         for layer in &self.layers {
             let w = match layer.kind {
                 AttentionKind::Full => None,
@@ -359,7 +458,14 @@ impl Model {
                     }
                 }
             }
-            masks.insert(w, c(Tensor::from_vec(m, (b, 1, t, tk), &self.device))?);
+            masks.insert(w, m);
+        }
+        let mut mask_t: HashMap<Option<usize>, Tensor> = HashMap::new();
+        if !self.packed {
+            for (w, m) in &masks {
+                let mt = c(Tensor::from_vec(m.clone(), (b, 1, t, tk), &self.device))?;
+                mask_t.insert(*w, mt);
+            }
         }
 
         let ids_t = c(Tensor::from_vec(flat, b * t, &self.device))?;
@@ -403,24 +509,55 @@ impl Model {
                 }
                 None => (k, v),
             };
-            // Grouped-query attention without copying keys: fold the
-            // repeated query heads into the sequence axis.
-            let qg = c(q.reshape((b, nkv, rep * t, hd)))?;
-            let scores = c(c(qg.matmul(&c(k.t())?))?.affine(scale, 0.0))?; // [B,nkv,rep*T,Tk]
-            let scores = c(scores.reshape((b, nh, t, tk)))?;
             let w = match layer.kind {
                 AttentionKind::Full => None,
                 AttentionKind::Sliding(w) => Some(w),
             };
-            let scores = c(scores.broadcast_add(&masks[&w]))?;
-            let probs = c(candle_nn::ops::softmax_last_dim(&scores))?;
-            let probs = c(probs.reshape((b, nkv, rep * t, tk)))?;
-            let attn = c(probs.matmul(&v))?; // [B,nkv,rep*T,hd]
-            let attn =
-                c(c(c(attn.reshape((b, nh, t, hd)))?.transpose(1, 2))?.reshape((b * t, nh * hd)))?;
+            let attn = if self.packed {
+                let shape = cpu::AttnShape {
+                    b,
+                    nh,
+                    nkv,
+                    t,
+                    tk,
+                    hd,
+                };
+                let mask = &masks[&w];
+                let out = with_slice(&q, |qs| {
+                    with_slice(&k, |ks| {
+                        with_slice(&v, |vs| {
+                            cpu::attention(qs, ks, vs, mask, shape, scale as f32)
+                        })
+                    })
+                })???;
+                c(Tensor::from_vec(out, (b * t, nh * hd), &self.device))?
+            } else {
+                // Grouped-query attention without copying keys: fold the
+                // repeated query heads into the sequence axis.
+                let qg = c(q.reshape((b, nkv, rep * t, hd)))?;
+                let scores = c(c(qg.matmul(&c(k.t())?))?.affine(scale, 0.0))?; // [B,nkv,rep*T,Tk]
+                let scores = c(scores.reshape((b, nh, t, tk)))?;
+                let scores = c(scores.broadcast_add(&mask_t[&w]))?;
+                let probs = c(candle_nn::ops::softmax_last_dim(&scores))?;
+                let probs = c(probs.reshape((b, nkv, rep * t, tk)))?;
+                let attn = c(probs.matmul(&v))?; // [B,nkv,rep*T,hd]
+                c(c(c(attn.reshape((b, nh, t, hd)))?.transpose(1, 2))?.reshape((b * t, nh * hd)))?
+            };
             let attn = layer.o.forward(&attn)?;
             x = c(x.add(&attn))?;
             let hn = c(candle_nn::ops::rms_norm(&x, &layer.post_norm, eps))?;
+            if let (Activation::Silu, Some(mut g)) = (cfg.hidden_act, layer.gate.packed_vec(&hn)?)
+                && let Some(u) = layer.up.packed_vec(&hn)?
+            {
+                cpu::silu_mul(&mut g, &u);
+                let g = c(Tensor::from_vec(
+                    g,
+                    (b * t, cfg.intermediate_size),
+                    &self.device,
+                ))?;
+                x = c(x.add(&layer.down.forward(&g)?))?;
+                continue;
+            }
             let g = layer.gate.forward(&hn)?;
             let g = match cfg.hidden_act {
                 Activation::Silu => c(candle_nn::ops::silu(&g))?,
@@ -444,9 +581,40 @@ impl Model {
         c(candle_nn::ops::log_softmax(&logits, D::Minus1))
     }
 
+    /// `log p(targets[i] | hidden[i])` for each row of `hidden` (`[N, H]`):
+    /// log-softmax and gather fused on the packed CPU path.
+    pub fn pick_log_probs(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+        let (rows, _) = c(hidden.dims2())?;
+        if rows != targets.len() {
+            return err(format!(
+                "pick_log_probs: {rows} rows but {} targets",
+                targets.len()
+            ));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+            return err(format!(
+                "token id {bad} is out of range for vocab_size {vocab}"
+            ));
+        }
+        match &self.lm_head {
+            Weight::Packed(p) => {
+                let logits = packed_matmul(hidden, p)?;
+                let mut out = vec![0f32; rows];
+                cpu::pick_logprobs(&logits, vocab, targets, &mut out);
+                Ok(out)
+            }
+            Weight::Tensor(_) => {
+                let lp = self.log_probs(hidden)?;
+                let tgt = c(Tensor::from_vec(targets.to_vec(), (rows, 1), &self.device))?;
+                c(c(c(lp.gather(&tgt, D::Minus1))?.flatten_all())?.to_vec1::<f32>())
+            }
+        }
+    }
+
     /// Logits of `hidden` (`[N, H]`) → `[N, V]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        c(c(hidden.contiguous())?.matmul(&c(self.lm_head.t())?))
+        self.lm_head.matmul(&c(hidden.contiguous())?)
     }
 }
 

@@ -185,3 +185,42 @@ fn tied_embeddings_use_the_embedding_as_lm_head() {
     let c = smelt_eval::logprobs::sequence_logprobs(&own.model, &seqs).unwrap();
     assert_ne!(a, c);
 }
+
+/// The packed CPU kernels (GEMM, fused attention, SwiGLU, log-softmax pick)
+/// give what candle's ops give, on every model variant the fixtures have:
+/// biases (qwen2), sliding windows, padded batches and the KV cache.
+#[test]
+fn packed_kernels_agree_with_candle_ops() {
+    if !smelt_eval::cpu::available() {
+        eprintln!("no AVX-512 on this CPU: only candle's ops run here");
+        return;
+    }
+    let seqs = vec![
+        vec![
+            3u32, 50, 60, 70, 80, 90, 100, 110, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+        ],
+        vec![9, 8],
+        vec![1, 2, 3, 4, 5],
+    ];
+    for name in ["eval_llama", "eval_qwen2"] {
+        let map =
+            || smelt_eval::model::read_safetensors_dir(&model_dir(name), &Device::Cpu).unwrap();
+        let packed = Model::build(config(name), map(), &Device::Cpu, true).unwrap();
+        let plain = Model::build(config(name), map(), &Device::Cpu, false).unwrap();
+        assert!(packed.is_packed() && !plain.is_packed());
+        let a = smelt_eval::logprobs::sequence_logprobs(&packed, &seqs).unwrap();
+        let b = smelt_eval::logprobs::sequence_logprobs(&plain, &seqs).unwrap();
+        for (ra, rb) in a.iter().zip(&b) {
+            assert_eq!(ra.len(), rb.len());
+            for (x, y) in ra.iter().zip(rb) {
+                assert!((x - y).abs() < 1e-5, "{name}: {x} vs {y}");
+            }
+        }
+        let none = std::collections::BTreeSet::new();
+        let prompts: Vec<Vec<u32>> = vec![vec![5], vec![10, 20, 30, 40, 50, 60], vec![7, 8, 9]];
+        let g = |m: &Model| {
+            smelt_eval::generate::greedy(m, &prompts, &[8, 8, 8], &none, 8, &|_, _| false).unwrap()
+        };
+        assert_eq!(g(&packed), g(&plain), "{name}");
+    }
+}
