@@ -58,6 +58,28 @@ fn packed_matmul(x: &Tensor, p: &cpu::Packed) -> Result<Vec<f32>> {
     with_slice(x, |xs| cpu::matmul_vec(xs, rows, p))
 }
 
+/// Head-major `[B, heads, past + t, hd]`: `prev` (`[B, heads, past, hd]`)
+/// followed by the token-major `new` (`[B·t, heads, hd]`).
+fn heads_after(
+    prev: &[f32],
+    new: &[f32],
+    (b, heads, past, t, hd): (usize, usize, usize, usize, usize),
+) -> Vec<f32> {
+    let tk = past + t;
+    let mut out = vec![0f32; b * heads * tk * hd];
+    for bi in 0..b {
+        for g in 0..heads {
+            let dst = &mut out[(bi * heads + g) * tk * hd..][..tk * hd];
+            dst[..past * hd].copy_from_slice(&prev[(bi * heads + g) * past * hd..][..past * hd]);
+            for ti in 0..t {
+                dst[(past + ti) * hd..][..hd]
+                    .copy_from_slice(&new[((bi * t + ti) * heads + g) * hd..][..hd]);
+            }
+        }
+    }
+    out
+}
+
 /// Runs `f` on the f32 values of a CPU tensor, in row-major order.
 fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = c(t.contiguous())?;
@@ -78,21 +100,30 @@ struct Linear {
 }
 
 impl Linear {
-    /// On the packed path: `x · wᵀ + bias` as a plain `[n, out]` vector.
-    fn packed_vec(&self, x: &Tensor) -> Result<Option<Vec<f32>>> {
+    /// On the packed path: `x · wᵀ + bias` for `x` `[rows, in]`, as a
+    /// plain `[rows, out]` vector.
+    fn vec(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let Weight::Packed(p) = &self.weight else {
-            return Ok(None);
+            return err("internal: packed forward on an unpacked weight");
         };
-        let mut y = packed_matmul(x, p)?;
-        if let Some(b) = &self.bias {
-            let b = c(b.to_vec1::<f32>())?;
-            for row in y.chunks_mut(b.len()) {
-                for (v, &bv) in row.iter_mut().zip(&b) {
-                    *v += bv;
-                }
-            }
+        if x.len() != rows * p.cols() {
+            return err(format!(
+                "matmul: input has {} values, the weight expects {rows} × {}",
+                x.len(),
+                p.cols()
+            ));
         }
-        Ok(Some(y))
+        let mut y = cpu::matmul_vec(x, rows, p);
+        if let Some(b) = &self.bias {
+            with_slice(b, |b| {
+                for row in y.chunks_mut(b.len()) {
+                    for (v, &bv) in row.iter_mut().zip(b) {
+                        *v += bv;
+                    }
+                }
+            })?;
+        }
+        Ok(y)
     }
 
     /// `x`: `[n, in]` → `[n, out]`.
@@ -426,8 +457,6 @@ impl Model {
                 }
             }
         }
-        let cos = c(Tensor::from_vec(cos, (b, t, half), &self.device))?;
-        let sin = c(Tensor::from_vec(sin, (b, t, half), &self.device))?;
 
         // Additive masks [B, (1,) T, Tk], one per distinct window.
         let mut masks: HashMap<Option<usize>, Vec<f32>> = HashMap::new();
@@ -460,12 +489,24 @@ impl Model {
             }
             masks.insert(w, m);
         }
-        let mut mask_t: HashMap<Option<usize>, Tensor> = HashMap::new();
-        if !self.packed {
-            for (w, m) in &masks {
-                let mt = c(Tensor::from_vec(m.clone(), (b, 1, t, tk), &self.device))?;
-                mask_t.insert(*w, mt);
+        if self.packed {
+            let x = self.forward_packed(
+                &flat,
+                (b, t, past),
+                (&cos, &sin),
+                &masks,
+                cache.as_deref_mut(),
+            )?;
+            if let Some(cache) = cache {
+                cache.key_pos = key_pos;
             }
+            return Ok(x);
+        }
+        let cos = c(Tensor::from_vec(cos, (b, t, half), &self.device))?;
+        let sin = c(Tensor::from_vec(sin, (b, t, half), &self.device))?;
+        let mut mask_t: HashMap<Option<usize>, Tensor> = HashMap::new();
+        for (w, m) in masks {
+            mask_t.insert(w, c(Tensor::from_vec(m, (b, 1, t, tk), &self.device))?);
         }
 
         let ids_t = c(Tensor::from_vec(flat, b * t, &self.device))?;
@@ -513,25 +554,7 @@ impl Model {
                 AttentionKind::Full => None,
                 AttentionKind::Sliding(w) => Some(w),
             };
-            let attn = if self.packed {
-                let shape = cpu::AttnShape {
-                    b,
-                    nh,
-                    nkv,
-                    t,
-                    tk,
-                    hd,
-                };
-                let mask = &masks[&w];
-                let out = with_slice(&q, |qs| {
-                    with_slice(&k, |ks| {
-                        with_slice(&v, |vs| {
-                            cpu::attention(qs, ks, vs, mask, shape, scale as f32)
-                        })
-                    })
-                })???;
-                c(Tensor::from_vec(out, (b * t, nh * hd), &self.device))?
-            } else {
+            let attn = {
                 // Grouped-query attention without copying keys: fold the
                 // repeated query heads into the sequence axis.
                 let qg = c(q.reshape((b, nkv, rep * t, hd)))?;
@@ -546,18 +569,6 @@ impl Model {
             let attn = layer.o.forward(&attn)?;
             x = c(x.add(&attn))?;
             let hn = c(candle_nn::ops::rms_norm(&x, &layer.post_norm, eps))?;
-            if let (Activation::Silu, Some(mut g)) = (cfg.hidden_act, layer.gate.packed_vec(&hn)?)
-                && let Some(u) = layer.up.packed_vec(&hn)?
-            {
-                cpu::silu_mul(&mut g, &u);
-                let g = c(Tensor::from_vec(
-                    g,
-                    (b * t, cfg.intermediate_size),
-                    &self.device,
-                ))?;
-                x = c(x.add(&layer.down.forward(&g)?))?;
-                continue;
-            }
             let g = layer.gate.forward(&hn)?;
             let g = match cfg.hidden_act {
                 Activation::Silu => c(candle_nn::ops::silu(&g))?,
@@ -573,6 +584,113 @@ impl Model {
         }
         let x = c(candle_nn::ops::rms_norm(&x, &self.norm, eps))?;
         c(x.reshape((b, t, cfg.hidden_size)))
+    }
+
+    /// [`Model::forward`] on the packed CPU kernels, on plain vectors
+    /// throughout: token-major activations `[B·T, …]`, rotary tables
+    /// `[B·T, rot/2]`, masks `[B, T, Tk]` per window.
+    fn forward_packed(
+        &self,
+        flat: &[u32],
+        (b, t, past): (usize, usize, usize),
+        (cos, sin): (&[f32], &[f32]),
+        masks: &HashMap<Option<usize>, Vec<f32>>,
+        mut cache: Option<&mut Cache>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let dev = &self.device;
+        let (h, n, tk) = (cfg.hidden_size, b * t, past + t);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let rot = cfg.rotary_dim();
+        let eps = cfg.rms_norm_eps as f32;
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let mut x = with_slice(&self.embed, |e| {
+            let mut x = Vec::with_capacity(n * h);
+            for &id in flat {
+                x.extend_from_slice(&e[id as usize * h..][..h]);
+            }
+            x
+        })?;
+        let first_norm = match self.layers.first() {
+            Some(l) => &l.input_norm,
+            None => &self.norm,
+        };
+        let mut hn = with_slice(first_norm, |w| cpu::rms_norm(&x, w, eps))?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut q = layer.q.vec(&hn, n)?;
+            let mut k = layer.k.vec(&hn, n)?;
+            let v = layer.v.vec(&hn, n)?;
+            if let Some(w) = &layer.q_norm {
+                with_slice(w, |w| cpu::rms_norm_inplace(&mut q, w, eps))?;
+            }
+            if let Some(w) = &layer.k_norm {
+                with_slice(w, |w| cpu::rms_norm_inplace(&mut k, w, eps))?;
+            }
+            if rot > 0 {
+                cpu::rope(&mut q, nh, hd, cos, sin);
+                cpu::rope(&mut k, nkv, hd, cos, sin);
+            }
+            // Keys and values head-major [B, nkv, Tk, hd], after the cache.
+            let prev = match cache.as_deref_mut() {
+                Some(cache) => cache.kv[li].take(),
+                None => None,
+            };
+            let dims = (b, nkv, past, t, hd);
+            let (kf, vf) = match &prev {
+                Some((pk, pv)) => (
+                    with_slice(pk, |pk| heads_after(pk, &k, dims))?,
+                    with_slice(pv, |pv| heads_after(pv, &v, dims))?,
+                ),
+                None if past == 0 => (heads_after(&[], &k, dims), heads_after(&[], &v, dims)),
+                None => return err("forward: cache without keys for this layer"),
+            };
+            let w = match layer.kind {
+                AttentionKind::Full => None,
+                AttentionKind::Sliding(w) => Some(w),
+            };
+            let shape = cpu::AttnShape {
+                b,
+                nh,
+                nkv,
+                t,
+                tk,
+                hd,
+            };
+            let attn = cpu::attention(&q, &kf, &vf, &masks[&w], shape, scale);
+            if let Some(cache) = cache.as_deref_mut() {
+                cache.kv[li] = Some((
+                    c(Tensor::from_vec(kf, (b, nkv, tk, hd), dev))?,
+                    c(Tensor::from_vec(vf, (b, nkv, tk, hd), dev))?,
+                ));
+            }
+            let o = layer.o.vec(&attn, n)?;
+            let hn2 = with_slice(&layer.post_norm, |w| cpu::add_rms_norm(&mut x, &o, w, eps))?;
+            let mut g = layer.gate.vec(&hn2, n)?;
+            let u = layer.up.vec(&hn2, n)?;
+            match cfg.hidden_act {
+                Activation::Silu => cpu::silu_mul(&mut g, &u),
+                act => {
+                    let gt = c(Tensor::from_vec(g, (n, cfg.intermediate_size), dev))?;
+                    let ut = c(Tensor::from_vec(u, (n, cfg.intermediate_size), dev))?;
+                    let a = match act {
+                        Activation::GeluTanh => c(gt.gelu())?,
+                        _ => c(gt.gelu_erf())?,
+                    };
+                    g = c(c(c(a.mul(&ut))?.flatten_all())?.to_vec1::<f32>())?;
+                }
+            }
+            let d = layer.down.vec(&g, n)?;
+            let next = match self.layers.get(li + 1) {
+                Some(l) => &l.input_norm,
+                None => &self.norm,
+            };
+            hn = with_slice(next, |w| cpu::add_rms_norm(&mut x, &d, w, eps))?;
+        }
+        c(Tensor::from_vec(hn, (b, t, h), dev))
     }
 
     /// Log-softmax over the vocabulary of the logits of `hidden` (`[N, H]`).
