@@ -587,6 +587,29 @@ fn eval_bench_compares_with_the_given_python() {
     let ratio = v["ratio_vs_transformers"].as_f64().unwrap();
     assert!((ratio - tps / 100.0).abs() < 1e-9, "{v}");
 
+    let kernels = v["kernels"].as_str().unwrap();
+    assert!(kernels == "packed-avx512" || kernels == "candle", "{v}");
+
+    // --rounds alternates the engines and keeps each one's best run.
+    let counted = tmp.path().join("counted-python");
+    let calls = tmp.path().join("calls");
+    std::fs::write(
+        &counted,
+        format!(
+            "#!/bin/sh\necho x >> {c}\nn=$(wc -l < {c})\ncase $n in 2) echo '{{\"best_s\": 1.0, \"tokens_per_s\": 100.0}}';; *) echo '{{\"best_s\": 2.0, \"tokens_per_s\": 50.0}}';; esac\n",
+            c = calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&counted, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cp = counted.display().to_string();
+    let mut rounds = args.to_vec();
+    rounds.extend(["--compare-transformers", &cp, "--rounds", "3"]);
+    let v: Value = serde_json::from_str(ok(&run(&rounds)).trim()).unwrap();
+    assert_eq!(std::fs::read_to_string(&calls).unwrap().lines().count(), 3);
+    assert_eq!(v["rounds"], 3);
+    assert_eq!(v["transformers"]["tokens_per_s"], 100.0, "{v}");
+
     let mut bad = args.to_vec();
     bad.extend(["--compare-transformers", "/bin/false"]);
     let o = run(&bad);

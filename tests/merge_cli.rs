@@ -806,3 +806,43 @@ fn simd_kernels_give_the_same_bytes_as_baseline_ones() {
         );
     }
 }
+
+/// `smelt bench` end to end on a tiny family: generates it, measures the
+/// floor, runs each method `--repeat` times and prints a row per method.
+#[test]
+fn bench_runs_end_to_end_with_repeats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("fam");
+    let o = smelt()
+        .args(["bench", "--dir"])
+        .arg(&dir)
+        .args([
+            "--layers",
+            "1",
+            "--hidden",
+            "64",
+            "--intermediate",
+            "128",
+            "--vocab",
+            "256",
+            "--methods",
+            "linear,ties",
+            "--repeat",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("best of 2 run(s)"), "{out}");
+    assert!(out.contains("I/O floor"), "{out}");
+    for m in ["linear", "ties"] {
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(m)),
+            "no row for {m}:\n{out}"
+        );
+    }
+    // Each method ran twice.
+    let runs = stderr(&o).matches("running smelt merge (ties)").count();
+    assert_eq!(runs, 2, "{}", stderr(&o));
+}

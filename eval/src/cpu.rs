@@ -6,7 +6,7 @@
 //!
 //! The GEMM follows the BLIS/GotoBLAS loop structure, mirrored for a
 //! row-major output: weights (`[n, k]`, fixed for the model's life) are
-//! packed once at load into panels of `NR` output features × `KC` depth;
+//! packed once at load into panels of `NR` output features × `kc` (≤ `KC`) depth;
 //! each task packs `MR` rows of activations at a time (kept in L1) and runs
 //! the `MR × NR` micro-kernel (24 zmm accumulators) over a column block of
 //! weight panels that stays in L2.
@@ -17,7 +17,8 @@ use rayon::prelude::*;
 const MR: usize = 12;
 /// Output features per micro-tile (two 16-lane vectors).
 const NR: usize = 32;
-/// Depth of one packed block.
+/// Largest depth of one packed block; `k` is cut into equal blocks no
+/// deeper than this (576 → 3 × 192 rather than 256 + 256 + 64).
 const KC: usize = 256;
 /// Weight panels per column block: `KC × NCP × NR` floats = 1 MiB (L2).
 const NCP: usize = 32;
@@ -49,6 +50,8 @@ pub fn available() -> bool {
 pub struct Packed {
     n: usize,
     k: usize,
+    /// Depth of the packed blocks (≤ KC).
+    kc: usize,
     panels: usize,
     data: Vec<f32>,
 }
@@ -65,11 +68,12 @@ impl Packed {
         let panels = n.div_ceil(NR);
         let mut data = vec![0f32; panels * NR * k];
         // One depth block per task.
-        data.par_chunks_mut(panels * NR * KC)
+        let kc = k.div_ceil(k.div_ceil(KC).max(1)).max(1);
+        data.par_chunks_mut((panels * NR * kc).max(1))
             .enumerate()
             .for_each(|(pb, blk)| {
-                let p0 = pb * KC;
-                let kcl = KC.min(k - p0);
+                let p0 = pb * kc;
+                let kcl = kc.min(k - p0);
                 for (jp, dst) in blk.chunks_mut(kcl * NR).enumerate() {
                     for j in 0..NR.min(n - jp * NR) {
                         let src = &w[(jp * NR + j) * k + p0..][..kcl];
@@ -79,7 +83,13 @@ impl Packed {
                     }
                 }
             });
-        Packed { n, k, panels, data }
+        Packed {
+            n,
+            k,
+            kc,
+            panels,
+            data,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -200,8 +210,8 @@ unsafe fn task(x: &[f32], w: &Packed, out: Out, r0: usize, r1: usize, j0: usize,
     let mut tile = [0f32; MR * NR];
     for jc in (j0..j1).step_by(NCP) {
         let jce = (jc + NCP).min(j1);
-        for p0 in (0..k).step_by(KC) {
-            let kcl = KC.min(k - p0);
+        for p0 in (0..k).step_by(w.kc) {
+            let kcl = w.kc.min(k - p0);
             let acc = p0 > 0;
             for i0 in (r0..r1).step_by(MR) {
                 let rows = MR.min(r1 - i0);
@@ -918,6 +928,9 @@ mod tests {
             (100, 600, 70),
             (300, 513, 1100),
             (3, 768, 2048),
+            (40, 576, 64),
+            (2, 0, 5),
+            (2, 5, 0),
         ] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
