@@ -764,18 +764,34 @@ fn simd_kernels_give_the_same_bytes_as_baseline_ones() {
         shard_bytes: 0,
     };
     let ms = family(&tmp.path().join("fam"), &spec, 2);
-    for method in ["ties", "dare_ties", "della", "task_arithmetic", "slerp"] {
+    for method in [
+        "ties",
+        "dare_ties",
+        "della",
+        "task_arithmetic",
+        "slerp",
+        "linear",
+    ] {
         let (models, extra) = if method == "slerp" {
             (
                 vec![(ms[0].as_path(), "{}"), (ms[1].as_path(), "{}")],
                 "parameters: {t: 0.3}\n",
             )
+        } else if method == "linear" {
+            (
+                vec![
+                    (ms[1].as_path(), "{weight: 0.6}"),
+                    (ms[2].as_path(), "{weight: 0.3}"),
+                ],
+                "",
+            )
         } else {
             let p = "{weight: 0.6, density: 0.5}";
             (vec![(ms[1].as_path(), p), (ms[2].as_path(), p)], "")
         };
+        let base = (method != "linear").then_some(ms[0].as_path());
         let cfg = tmp.path().join(format!("{method}.yml"));
-        write(&cfg, &yaml_models(method, &models, Some(&ms[0]), extra));
+        write(&cfg, &yaml_models(method, &models, base, extra));
         let run = |name: &str, no_simd: bool, threads: &str| {
             let out = tmp.path().join(name);
             let mut c = smelt();
