@@ -7,9 +7,9 @@
 /// Defines `pub fn $name($args)` dispatching to the widest variant of the
 /// `#[inline(always)]` body `$body` that this CPU supports.
 macro_rules! multiversion {
-    ($(#[$m:meta])* pub fn $name:ident($($a:ident: $t:ty),*) $(-> $ret:ty)? $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        pub fn $name($($a: $t),*) $(-> $ret)? {
+        $vis fn $name($($a: $t),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($a: $t),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
@@ -18,17 +18,18 @@ macro_rules! multiversion {
                 fn v4($($a: $t),*) $(-> $ret)? { body($($a),*) }
                 #[target_feature(enable = "avx2,fma")]
                 fn v3($($a: $t),*) $(-> $ret)? { body($($a),*) }
-                match level() {
+                match $crate::simd::level() {
                     // SAFETY: `level` checked that the CPU has these features.
-                    Level::V4 => return unsafe { v4($($a),*) },
-                    Level::V3 => return unsafe { v3($($a),*) },
-                    Level::Base => {}
+                    $crate::simd::Level::V4 => return unsafe { v4($($a),*) },
+                    $crate::simd::Level::V3 => return unsafe { v3($($a),*) },
+                    $crate::simd::Level::Base => {}
                 }
             }
             body($($a),*)
         }
     };
 }
+pub(crate) use multiversion;
 
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -283,11 +284,13 @@ multiversion! {
 }
 
 multiversion! {
-    /// Counting-sort bins: `(k >> sh) - lo + 1`, or 0 below `lo`
-    /// (`k >> sh` < 2³¹).
-    pub fn bins_of(keys: &[u32], sh: u32, lo: u32, bins: &mut [u32]) {
+    /// Counting-sort bins of `k >> sh` (< 2³¹): `k - lo + 2` from `lo` up,
+    /// 0 for `min`, 1 between.
+    pub fn bins_of(keys: &[u32], sh: u32, lo: u32, min: u32, bins: &mut [u32]) {
         for (b, k) in bins.iter_mut().zip(keys) {
-            *b = ((k >> sh) + 1).max(lo) - lo;
+            let k = k >> sh;
+            let v = (k + 2).max(lo + 1) - lo;
+            *b = if k == min { 0 } else { v };
         }
     }
 }

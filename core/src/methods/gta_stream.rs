@@ -248,7 +248,7 @@ impl GeneralizedTaskArithmetic {
             } else {
                 (job.shape[1], job.shape[2..].iter().product::<usize>())
             };
-            let tables = models
+            let tables: Vec<Vec<f32>> = models
                 .iter()
                 .map(|m| {
                     if !matches!(m.sp, Sp::Della) {
@@ -463,9 +463,10 @@ impl GeneralizedTaskArithmetic {
                     let d = &s.bufs[q + 1];
                     let f = &s.flags;
                     let (before, after) = partial_sums2(d, f);
-                    // DELLA's ranking is dear: its mask is kept (a bit per
-                    // element) for the output pass; DARE's is drawn again
-                    let bits = matches!(models[m].sp, Sp::Della).then(|| {
+                    // masks that cost a ranking (DELLA) or a hash per
+                    // element (DARE) are kept, a bit per element, for the
+                    // output pass
+                    let bits = matches!(models[m].sp, Sp::Della | Sp::Random(_)).then(|| {
                         let mut bits = vec![0u64; f.len().div_ceil(64)];
                         crate::simd::pack_flags(f, &mut bits);
                         bits
@@ -664,67 +665,66 @@ fn hist_pass(
     his: Option<&[u32]>,
     track_lo: bool,
 ) -> Result<Vec<Hist>> {
-    use rayon::prelude::*;
-    let nb = n.div_ceil(block);
     let slot_of = |m: usize| 1 + sel_models.iter().position(|x| *x == m).expect("model");
-    (0..nb)
-        .into_par_iter()
-        .try_fold(
-            || vec![LocalHist::new(); which.len()],
-            |mut hs, bi| -> Result<_> {
-                with_scratch(|s| -> Result<()> {
-                    let e0 = bi * block;
-                    let e1 = (e0 + block).min(n);
-                    s.ensure(1 + sel_models.len());
-                    let mut base = std::mem::take(&mut s.bufs[0]);
-                    src.read(b, e0, e1, &mut base)?;
-                    s.bufs[0] = base;
-                    for (q, &m) in sel_models.iter().enumerate() {
-                        delta(s, m, q + 1, e0, e1)?;
-                    }
-                    for (q, &j) in which.iter().enumerate() {
-                        let flip = sels[j].kind.flip();
-                        let d = &s.bufs[slot_of(sels[j].model)];
-                        let h = &mut hs[q];
-                        h.room(d.len());
-                        match his {
-                            None if track_lo => {
-                                let mut lo = (h.acc.lo_or, h.acc.lo_and);
-                                crate::simd::hist_hi(d, flip, &mut h.h, Some(&mut lo));
-                                (h.acc.lo_or, h.acc.lo_and) = lo;
-                            }
-                            None => {
-                                crate::simd::hist_hi(d, flip, &mut h.h, None);
-                                // bfloat16: every low half is that of `flip`
-                                (h.acc.lo_or, h.acc.lo_and) = (flip & 0xFFFF, flip & 0xFFFF);
-                            }
-                            Some(his) => crate::simd::hist_lo(d, flip, his[q], &mut h.h),
-                        }
-                    }
-                    Ok(())
-                })?;
-                Ok(hs)
-            },
-        )
-        .map(|r| r.map(|hs| hs.into_iter().map(LocalHist::finish).collect::<Vec<_>>()))
-        .try_reduce(
-            || vec![Hist::new(); which.len()],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    x.add(y);
+    // one set of histograms per pool thread, made when the thread first
+    // counts and kept for the whole pass (a set per rayon split would
+    // allocate, zero and add megabytes per tensor)
+    let slots: Vec<std::sync::Mutex<Option<Vec<LocalHist>>>> = (0..rayon::current_num_threads()
+        .max(1))
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    for_blocks(n, block, |s, _, e0, e1| -> Result<()> {
+        s.ensure(1 + sel_models.len());
+        let mut base = std::mem::take(&mut s.bufs[0]);
+        src.read(b, e0, e1, &mut base)?;
+        s.bufs[0] = base;
+        for (q, &m) in sel_models.iter().enumerate() {
+            delta(s, m, q + 1, e0, e1)?;
+        }
+        let t = rayon::current_thread_index().unwrap_or(0) % slots.len();
+        let mut g = slots[t].lock().unwrap_or_else(|p| p.into_inner());
+        let hs = g.get_or_insert_with(|| (0..which.len()).map(|_| LocalHist::new()).collect());
+        for (q, &j) in which.iter().enumerate() {
+            let flip = sels[j].kind.flip();
+            let d = &s.bufs[slot_of(sels[j].model)];
+            let h = &mut hs[q];
+            h.room(d.len());
+            match his {
+                None if track_lo => {
+                    let mut lo = (h.lo_or, h.lo_and);
+                    crate::simd::hist_hi(d, flip, &mut h.h, Some(&mut lo));
+                    (h.lo_or, h.lo_and) = lo;
                 }
-                Ok(a)
-            },
-        )
+                None => {
+                    crate::simd::hist_hi(d, flip, &mut h.h, None);
+                    // bfloat16: every low half is that of `flip`
+                    (h.lo_or, h.lo_and) = (flip & 0xFFFF, flip & 0xFFFF);
+                }
+                Some(his) => crate::simd::hist_lo(d, flip, his[q], &mut h.h),
+            }
+        }
+        Ok(())
+    })?;
+    let mut total = vec![Hist::new(); which.len()];
+    for slot in slots {
+        if let Some(hs) = slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            for (t, h) in total.iter_mut().zip(hs) {
+                h.add_to(t);
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// A thread's histogram: 32-bit counts (half the cache footprint of
-/// [`Hist`]'s), folded into `acc` before they could overflow.
-#[derive(Clone)]
+/// [`Hist`]'s), folded into 64-bit ones before they could overflow.
 struct LocalHist {
     h: Vec<u32>,
     added: u64,
-    acc: Hist,
+    lo_or: u32,
+    lo_and: u32,
+    /// Counts flushed from `h` (only when a thread counts ≥ 2³² keys).
+    acc: Option<Vec<u64>>,
 }
 
 impl LocalHist {
@@ -732,32 +732,43 @@ impl LocalHist {
         LocalHist {
             h: vec![0; 1 << 16],
             added: 0,
-            acc: Hist::new(),
+            lo_or: 0,
+            lo_and: 0xFFFF,
+            acc: None,
         }
     }
     /// Makes room for `k` more counts.
     fn room(&mut self, k: usize) {
         if self.added + k as u64 > u32::MAX as u64 {
-            self.flush();
+            let acc = self.acc.get_or_insert_with(|| vec![0; 1 << 16]);
+            for (a, c) in acc.iter_mut().zip(self.h.iter_mut()) {
+                *a += *c as u64;
+                *c = 0;
+            }
+            self.added = 0;
         }
         self.added += k as u64;
     }
-    fn flush(&mut self) {
-        for (a, c) in self.acc.h.iter_mut().zip(self.h.iter_mut()) {
+    /// Adds everything counted to `t`.
+    fn add_to(self, t: &mut Hist) {
+        for (a, c) in t.h.iter_mut().zip(&self.h) {
             *a += *c as u64;
-            *c = 0;
         }
-        self.added = 0;
-    }
-    fn finish(mut self) -> Hist {
-        self.flush();
-        self.acc
+        if let Some(acc) = &self.acc {
+            for (a, c) in t.h.iter_mut().zip(acc) {
+                *a += c;
+            }
+        }
+        t.lo_or |= self.lo_or;
+        t.lo_and &= self.lo_and;
     }
 }
 
+crate::simd::multiversion! {
 /// DELLA keep flags of one block (whole rank chunks): rank |Δ| along axis 1
 /// (ties: lower index first), keep with the rank's probability. `s`
-/// provides the buffers.
+/// provides the buffers. Compiled for wide vectors with everything it
+/// calls inlined (the ranking is most of DELLA's time).
 #[allow(clippy::too_many_arguments)]
 fn della_block(
     d: &[f32],
@@ -766,7 +777,7 @@ fn della_block(
     stream: Stream,
     e0: usize,
     flags: &mut [u8],
-    s: &mut RankBufs,
+    s: &mut RankBufs
 ) {
     let (len, inner) = (g.len, g.inner);
     let chunk = len * inner;
@@ -774,8 +785,12 @@ fn della_block(
         let base = o * chunk;
         for c in 0..inner {
             s.keys32.clear();
-            s.keys32
-                .extend((0..len).map(|j| abs_key(dc[j * inner + c])));
+            if inner == 1 {
+                s.keys32.extend(dc.iter().map(|x| abs_key(*x)));
+            } else {
+                s.keys32
+                    .extend((0..len).map(|j| abs_key(dc[j * inner + c])));
+            }
             if inner == 1 {
                 let mut probs = std::mem::take(&mut s.probs);
                 probs.clear();
@@ -797,6 +812,7 @@ fn della_block(
         }
     }
 }
+}
 
 /// `s.ranks[j]`: the rank of `s.keys32[j]` (see [`rank_each`]).
 #[cfg(test)]
@@ -808,6 +824,7 @@ fn ranks_of(s: &mut RankBufs) {
 
 /// Calls `put(j, rank)` with the rank of `keys[j]` in ascending order, ties
 /// by index (a stable sort's destination), for every `j`.
+#[inline(always)]
 fn rank_each(s: &mut RankBufs, mut put: impl FnMut(usize, u32)) {
     start_ranks(s);
     for (j, b) in s.bins.iter().enumerate() {
@@ -815,40 +832,58 @@ fn rank_each(s: &mut RankBufs, mut put: impl FnMut(usize, u32)) {
         put(j, *c);
         *c += 1;
     }
-    for (rank0, k) in s.keys.iter().enumerate() {
-        put((*k & 0xFFFF_FFFF) as usize, rank0 as u32);
+    for (r, k) in s.keys.iter().enumerate() {
+        put((*k & 0xFFFF_FFFF) as usize, s.sorted_from + r as u32);
     }
 }
 
-/// `probs[j] = table[rank of keys[j]]` (ranks as [`rank_each`]), in one
-/// loop.
+/// `probs[j] = table[rank of keys[j]]` (ranks as [`rank_each`]).
+#[inline(always)]
 fn probs_each(s: &mut RankBufs, table: &[f32], probs: &mut [f32]) {
     start_ranks(s);
-    for (b, p) in s.bins.iter().zip(probs.iter_mut()) {
-        let c = &mut s.counts[*b as usize];
+    probs_by_count(&s.bins, &mut s.counts, table, probs);
+    // keys ranked by sorting, in key order
+    for (r, k) in s.keys.iter().enumerate() {
+        probs[(*k & 0xFFFF_FFFF) as usize] = table[s.sorted_from as usize + r];
+    }
+}
+
+/// The counting loops, kept out of line: scalar, and with registers of
+/// their own.
+#[inline(never)]
+fn count_bins(bins: &[u32], counts: &mut [u32]) {
+    for b in bins {
+        counts[*b as usize] += 1;
+    }
+}
+
+/// `probs[j] = table[counts[bins[j]]++]`.
+#[inline(never)]
+fn probs_by_count(bins: &[u32], counts: &mut [u32], table: &[f32], probs: &mut [f32]) {
+    for (b, p) in bins.iter().zip(probs.iter_mut()) {
+        let c = &mut counts[*b as usize];
         *p = table[*c as usize];
         *c += 1;
-    }
-    // keys under the window, in key order
-    for (rank0, k) in s.keys.iter().enumerate() {
-        probs[(*k & 0xFFFF_FFFF) as usize] = table[rank0];
     }
 }
 
 /// The counting sort's set-up for [`rank_each`] / [`probs_each`] over
 /// `s.keys32`. Keys are shifted right by the low bits no key sets (16 for
-/// bfloat16); key values in the top `len / 2` (a window) get bins 1.., the
-/// rest (zeros, tiny values: about a percent of a bfloat16 task-vector
-/// row) bin 0 and also `s.keys` as `(key << 32) | index`, sorted: they rank
-/// first. Then `s.counts[b]` is the first rank of bin `b` (bin 0's ranks
-/// are overwritten from `s.keys`). Branch-free bins and counts: a counting
-/// loop that tests the window per element runs about half as fast.
+/// bfloat16). Bins: key values in the top `len` (a window) get bins 2..;
+/// keys equal to the smallest key (exact zeros of a task vector, a percent
+/// of a bfloat16 row) bin 0; other keys under the window (rare) bin 1, and
+/// also go to `s.keys` as `(key << 32) | index`, sorted: their ranks start
+/// at `s.sorted_from`. Then `s.counts[b]` is the first rank of bin `b`.
+/// Branch-free bins and counts: a counting loop that tests the window per
+/// element runs about half as fast.
+#[inline(always)]
 fn start_ranks(s: &mut RankBufs) {
     let keys = &s.keys32;
     let len = keys.len();
     s.bins.clear();
     s.keys.clear();
     s.counts.clear();
+    s.sorted_from = 0;
     if len == 0 {
         return;
     }
@@ -859,32 +894,43 @@ fn start_ranks(s: &mut RankBufs) {
         or |= *k;
     }
     let sh = or.trailing_zeros().min(31);
-    let (lo, hi) = (lo >> sh, hi >> sh);
-    let window = (len / 2).max(256) as u32;
-    let lo = lo.max(hi.saturating_sub(window - 1));
-    // bin = key - lo + 1, or 0 under the window
+    let (min, hi) = (lo >> sh, hi >> sh);
+    let window = len.max(256) as u32;
+    let lo = min.max(hi.saturating_sub(window - 1));
     s.bins.resize(len, 0);
-    crate::simd::bins_of(keys, sh, lo, &mut s.bins);
-    s.counts.resize((hi - lo) as usize + 2, 0);
-    for b in &s.bins {
-        s.counts[*b as usize] += 1;
-    }
-    let under = s.counts[0];
+    crate::simd::bins_of(keys, sh, lo, min, &mut s.bins);
+    s.counts.resize((hi - lo) as usize + 3, 0);
+    count_bins(&s.bins, &mut s.counts);
+    let under = s.counts[1] as usize;
     if under != 0 {
-        // a few per row: skip 16-bin chunks without any
-        for (q, ch) in s.bins.chunks(16).enumerate() {
-            if ch.iter().fold(u32::MAX, |a, b| a.min(*b)) != 0 {
-                continue;
-            }
-            for (jj, b) in ch.iter().enumerate() {
-                if *b == 0 {
-                    let j = q * 16 + jj;
-                    s.keys.push(((keys[j] as u64) << 32) | j as u64);
+        if under * 16 < len {
+            // a few: skip 16-bin chunks without any
+            for (q, ch) in s.bins.chunks(16).enumerate() {
+                if !ch.iter().fold(false, |a, b| a | (*b == 1)) {
+                    continue;
+                }
+                for (jj, b) in ch.iter().enumerate() {
+                    if *b == 1 {
+                        let j = q * 16 + jj;
+                        s.keys.push(((keys[j] as u64) << 32) | j as u64);
+                    }
                 }
             }
+        } else {
+            // branch-free: every element is written, the count moves past
+            // those in bin 1
+            s.keys.resize(len, 0);
+            let out = &mut s.keys[..];
+            let mut n = 0;
+            for (j, (b, k)) in s.bins.iter().zip(keys).enumerate() {
+                out[n.min(len - 1)] = ((*k as u64) << 32) | j as u64;
+                n += (*b == 1) as usize;
+            }
+            s.keys.truncate(under);
         }
         // index-unique, so a full order
         s.keys.sort_unstable();
+        s.sorted_from = s.counts[0];
     }
     let mut acc = 0u32;
     for c in s.counts.iter_mut() {
@@ -1103,6 +1149,47 @@ mod tests {
                 );
                 check("ties", dt, shape, &[(1.0, 1.0), (0.3, 0.999)], &[]);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+    /// Timing probe (not a test of behaviour): `cargo test --release -p
+    /// smelt-core --lib probe -- --ignored --nocapture`; rows of bf16 task
+    /// vectors from SMELT_PROBE_ROWS=file:len,...
+    #[test]
+    #[ignore]
+    fn rank_probe() {
+        let spec = std::env::var("SMELT_PROBE_ROWS").unwrap_or_default();
+        for item in spec.split(',').filter(|x| !x.is_empty()) {
+            let (file, len) = item.split_once(':').unwrap();
+            let len: usize = len.parse().unwrap();
+            let bytes = std::fs::read(file).unwrap();
+            let vals: Vec<f32> = bytes
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect();
+            let n = vals.len() / len * len;
+            let table: Vec<f32> = (0..len)
+                .map(|r| crate::dtype::bf16_round(0.4 + 0.2 * r as f32 / (len - 1) as f32))
+                .collect();
+            let g = DellaGeom {
+                len,
+                inner: 1,
+                tables: vec![table.clone()],
+            };
+            let mut b = RankBufs::default();
+            let mut flags = vec![0u8; n];
+            let st = Stream::new(1, "x", "y");
+            let t = std::time::Instant::now();
+            let reps = 20;
+            for _ in 0..reps {
+                della_block(&vals[..n], &g, &table, st, 0, &mut flags, &mut b);
+            }
+            let ns = t.elapsed().as_nanos() as f64 / (reps * n) as f64;
+            println!("{file}: {ns:.2} ns/element");
         }
     }
 }

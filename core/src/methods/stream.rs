@@ -89,6 +89,8 @@ pub struct RankBufs {
     pub keys: Vec<u64>,
     pub probs: Vec<f32>,
     pub bins: Vec<u32>,
+    /// First rank of the keys in `keys` (see `start_ranks`).
+    pub sorted_from: u32,
 }
 
 impl Scratch {
