@@ -232,48 +232,10 @@ fn run_row_blocks(
     Ok(written.into_inner())
 }
 
-/// Plain inputs read in element blocks, cast to the working dtype; from
-/// memory where a tensor's bytes were read in whole (`pre`).
+/// Plain inputs read in element blocks, cast to the working dtype.
 struct PlainInputs<'a> {
     inputs: Vec<(&'a dyn ByteSource, &'a TensorLoc)>,
     working: crate::dtype::DType,
-    pre: Vec<Option<&'a [u8]>>,
-}
-
-/// Bytes read at once when a streamed tensor's inputs are read in whole.
-const PRELOAD_CHUNK: usize = 8 << 20;
-
-/// Bytes of a tensor.
-fn loc_bytes(loc: &TensorLoc) -> usize {
-    loc.shape.iter().product::<usize>() * loc.dtype.size()
-}
-
-/// Reads the whole of every input of a streamed task into `bufs` (one per
-/// input, kept between tasks so their pages are reused), chunks of all
-/// inputs in parallel.
-fn preload<'b>(
-    inputs: &[(&dyn ByteSource, &TensorLoc)],
-    bufs: &'b mut Vec<Vec<u8>>,
-) -> Result<Vec<&'b [u8]>> {
-    while bufs.len() < inputs.len() {
-        bufs.push(Vec::new());
-    }
-    let mut jobs: Vec<(&dyn ByteSource, u64, &mut [u8])> = Vec::new();
-    let mut lens = Vec::with_capacity(inputs.len());
-    for ((src, loc), buf) in inputs.iter().zip(bufs.iter_mut()) {
-        let nbytes = loc_bytes(loc);
-        if buf.len() < nbytes {
-            buf.resize(nbytes, 0);
-        }
-        lens.push(nbytes);
-        for (c, chunk) in buf[..nbytes].chunks_mut(PRELOAD_CHUNK).enumerate() {
-            jobs.push((*src, loc.offset + (c * PRELOAD_CHUNK) as u64, chunk));
-        }
-    }
-    jobs.into_par_iter()
-        .with_max_len(1)
-        .try_for_each(|(src, off, chunk)| src.read_at(off, chunk))?;
-    Ok(bufs.iter().zip(lens).map(|(b, n)| &b[..n]).collect())
 }
 
 thread_local! {
@@ -285,11 +247,6 @@ impl methods::stream::BlockSource for PlainInputs<'_> {
     fn read(&self, i: usize, e0: usize, e1: usize, out: &mut Vec<f32>) -> Result<()> {
         let (src, loc) = self.inputs[i];
         let sz = loc.dtype.size();
-        if let Some(bytes) = self.pre[i] {
-            loc.dtype.decode(&bytes[e0 * sz..e1 * sz], out);
-            crate::tensor::cast_slice(out, loc.dtype, self.working);
-            return Ok(());
-        }
         READ_BUF.with(|b| -> Result<()> {
             let mut b = b.borrow_mut();
             b.resize((e1 - e0) * sz, 0);
@@ -302,19 +259,13 @@ impl methods::stream::BlockSource for PlainInputs<'_> {
     }
 }
 
-/// Runs one streamed task, writing output blocks as they finish. A method
-/// that reads the inputs more than once gets them from memory (`bufs`)
-/// when their bytes fit `preload_limit`: one read of each input byte
-/// instead of one per pass (half the disk reads when the inputs are not
-/// in the page cache).
+/// Runs one streamed task, writing output blocks as they finish.
 fn run_streamed(
     plan: &MergePlan,
     task: &TensorTask,
     models: &[ModelTensors],
     method: &dyn methods::MergeMethod,
     writer: &dyn TensorSink,
-    preload_limit: u64,
-    bufs: &mut Vec<Vec<u8>>,
 ) -> Result<u64> {
     let mut inputs = Vec::with_capacity(task.inputs.len());
     for inp in &task.inputs {
@@ -337,17 +288,9 @@ fn run_streamed(
         }
         inputs.push((mt.shards[loc.shard].as_ref(), loc));
     }
-    let in_bytes: u64 = inputs.iter().map(|(_, l)| loc_bytes(l) as u64).sum();
-    let pre: Vec<Option<&[u8]>> =
-        if in_bytes <= preload_limit && method.stream_rereads(&task.global, &task.per_model) {
-            preload(&inputs, bufs)?.into_iter().map(Some).collect()
-        } else {
-            vec![None; inputs.len()]
-        };
     let src = PlainInputs {
         inputs,
         working: task.working_dtype,
-        pre,
     };
     let out_dt = task.out_dtype;
     let written = std::sync::atomic::AtomicU64::new(0);
@@ -490,25 +433,14 @@ pub fn run_tasks(
             })?;
         start = end;
     }
-    // streamed tensors: one at a time, blocks in parallel; inputs read
-    // more than once are held in memory up to a quarter of the budget
-    let preload_limit = memory_budget / 4;
-    let mut bufs: Vec<Vec<u8>> = Vec::new();
+    // streamed tensors: one at a time, blocks in parallel
     for &i in &streamed {
         let task = &plan.tensors[i];
         let n = if method
             .stream_align(&task.shape, &task.global, &task.per_model)
             .is_some()
         {
-            run_streamed(
-                plan,
-                task,
-                models,
-                method.as_ref(),
-                writer,
-                preload_limit,
-                &mut bufs,
-            )?
+            run_streamed(plan, task, models, method.as_ref(), writer)?
         } else {
             run_row_blocks(plan, task, models, writer)?
         };

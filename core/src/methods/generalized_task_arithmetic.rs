@@ -141,11 +141,6 @@ impl MergeMethod for GeneralizedTaskArithmetic {
     ) -> Option<usize> {
         GeneralizedTaskArithmetic::stream_align(self, shape)
     }
-    fn stream_rereads(&self, _global: &ParamValues, _per_model: &[ParamValues]) -> bool {
-        // task arithmetic is one pass; every sparsification gathers
-        // statistics (thresholds, L1 sums) first
-        self.sparsify != Sparsify::None
-    }
     fn merge_streamed(
         &self,
         job: super::stream::StreamJob,

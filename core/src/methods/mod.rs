@@ -209,12 +209,6 @@ pub trait MergeMethod: Send + Sync {
     ) -> Option<usize> {
         None
     }
-    /// Whether [`MergeMethod::merge_streamed`] reads the inputs more than
-    /// once (statistics passes before the output pass): the executor then
-    /// reads a tensor's inputs into memory once, when they fit its budget.
-    fn stream_rereads(&self, _global: &ParamValues, _per_model: &[ParamValues]) -> bool {
-        false
-    }
     /// Merges one tensor reading its inputs in blocks (all inputs have the
     /// output's shape), emitting output blocks; the same values as
     /// [`MergeMethod::merge`].

@@ -82,9 +82,6 @@ impl MergeMethod for Slerp {
     ) -> Option<usize> {
         Some(BLOCK)
     }
-    fn stream_rereads(&self, _global: &ParamValues, _per_model: &[ParamValues]) -> bool {
-        true
-    }
     /// Two passes over the inputs: the norms and dot product, then the
     /// output — partial sums per [`BLOCK`] in block order, exactly as
     /// [`slerp`]'s, so the bytes are those of the whole-tensor merge.
