@@ -253,6 +253,30 @@ impl Registry {
 
     /// Hands the first pending task of the oldest running job to `worker`.
     pub fn acquire(&mut self, worker: &str) -> Option<(pb::Task, Writes)> {
+        // A worker runs one task at a time and reports it before asking
+        // again: a task still recorded as running on a worker that asks is
+        // one it never got (a leader died between recording the hand-out
+        // and replying) or gave up reporting. It goes back to the queue —
+        // else it would wait forever on a worker that is alive.
+        let mut orphans = Writes::new();
+        for job in self.jobs.values_mut() {
+            if job.rec.state != JobState::Running {
+                continue;
+            }
+            for (k, t) in job.tasks.iter_mut().enumerate() {
+                if t.state == TaskState::Running && t.worker == worker {
+                    t.state = TaskState::Pending;
+                    orphans.push((keys::job_task(&job.id, k), json(t)));
+                }
+            }
+        }
+        let (task, mut w) = self.hand_out(worker)?;
+        orphans.append(&mut w);
+        Some((task, orphans))
+    }
+
+    /// The next pending task, now running on `worker`.
+    fn hand_out(&mut self, worker: &str) -> Option<(pb::Task, Writes)> {
         for job in self.jobs.values_mut() {
             if job.rec.state != JobState::Running {
                 continue;

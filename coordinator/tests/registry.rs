@@ -177,3 +177,46 @@ fn repeated_errors_fail_the_job_and_cancel_closes_it() {
     assert!(reg.finish("j2", JobState::Succeeded, "", 8).is_empty());
     let _ = TaskState::Done;
 }
+
+/// A task recorded as handed to a worker that then asks for work again
+/// (the leader died before its reply reached the worker) goes back to the
+/// queue instead of waiting forever on a live worker; the orphaned
+/// attempt's late report does not count.
+#[test]
+fn a_worker_asking_again_frees_the_task_it_never_got() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = plan(tmp.path());
+    let mut reg = Registry::default();
+    let mut kv = Kv::default();
+    kv.apply(reg.insert("j1".into(), spec(), p));
+    let (t0, w) = reg.acquire("a").unwrap();
+    kv.apply(w);
+    assert_eq!((t0.task_index, t0.attempt), (0, 1));
+    // the reply was lost with the leader: a new leader loads etcd's state
+    let mut again = kv.reload();
+    assert_eq!(
+        again.status("j1").unwrap().tasks[0].state,
+        pb::TaskState::Running as i32
+    );
+    let (t, w) = again.acquire("a").unwrap();
+    kv.apply(w);
+    assert_eq!(
+        (t.task_index, t.attempt),
+        (0, 2),
+        "task 0 is handed out again"
+    );
+    let (r, _) = again.report(&report("j1", 0, 1, "a", true), 5);
+    assert_eq!(r, Reported::Rejected);
+    // other workers' running tasks are left alone
+    let (t1, w) = again.acquire("b").unwrap();
+    kv.apply(w);
+    assert_eq!(t1.task_index, 1);
+    let (t2, w) = again.acquire("c").unwrap();
+    kv.apply(w);
+    assert_eq!(t2.task_index, 2);
+    let st = kv.reload().status("j1").unwrap();
+    assert_eq!(st.tasks[0].state, pb::TaskState::Running as i32);
+    assert_eq!(st.tasks[1].state, pb::TaskState::Running as i32);
+    let (r, _) = again.report(&report("j1", 1, 1, "b", true), 6);
+    assert_eq!(r, Reported::Accepted);
+}

@@ -7,7 +7,32 @@
 /// Defines `pub fn $name($args)` dispatching to the widest variant of the
 /// `#[inline(always)]` body `$body` that this CPU supports.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $ret:ty)? $body:block) => {
+    // generic: `fn name<T: Bound, ..>(..)`
+    ($(#[$m:meta])* $vis:vis fn $name:ident<$($g:ident: $gb:path),+>($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name<$($g: $gb),+>($($a: $t),*) $(-> $ret)? {
+            #[allow(clippy::too_many_arguments)]
+            #[inline(always)]
+            fn body<$($g: $gb),+>($($a: $t),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
+                fn v4<$($g: $gb),+>($($a: $t),*) $(-> $ret)? { body($($a),*) }
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                fn v3<$($g: $gb),+>($($a: $t),*) $(-> $ret)? { body($($a),*) }
+                match $crate::simd::level() {
+                    // SAFETY: `level` checked that the CPU has these features.
+                    $crate::simd::Level::V4 => return unsafe { v4($($a),*) },
+                    $crate::simd::Level::V3 => return unsafe { v3($($a),*) },
+                    $crate::simd::Level::Base => {}
+                }
+            }
+            body($($a),*)
+        }
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         $vis fn $name($($a: $t),*) $(-> $ret)? {
             #[inline(always)]
@@ -98,33 +123,14 @@ multiversion! {
     }
 }
 
-/// `x[i] = r(x[i] - b[i])`: a task vector block, rounded to the working
-/// dtype.
-pub fn sub_rounded<R: crate::dtype::Rounding>(r: R, x: &mut [f32], b: &[f32]) {
-    #[inline(always)]
-    fn body<R: crate::dtype::Rounding>(r: R, x: &mut [f32], b: &[f32]) {
+multiversion! {
+    /// `x[i] = r(x[i] - b[i])`: a task vector block, rounded to the working
+    /// dtype.
+    pub fn sub_rounded<R: crate::dtype::Rounding>(r: R, x: &mut [f32], b: &[f32]) {
         for (xi, bi) in x.iter_mut().zip(b) {
             *xi = r.r(*xi - bi);
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-        fn v4<R: crate::dtype::Rounding>(r: R, x: &mut [f32], b: &[f32]) {
-            body(r, x, b)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        fn v3<R: crate::dtype::Rounding>(r: R, x: &mut [f32], b: &[f32]) {
-            body(r, x, b)
-        }
-        match level() {
-            // SAFETY: `level` checked that the CPU has these features.
-            Level::V4 => return unsafe { v4(r, x, b) },
-            Level::V3 => return unsafe { v3(r, x, b) },
-            Level::Base => {}
-        }
-    }
-    body(r, x, b)
 }
 
 /// The selection key of `x` (see [`crate::methods::sparsify::abs_key`]),

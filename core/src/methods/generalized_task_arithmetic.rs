@@ -303,68 +303,26 @@ pub struct CombineScratch {
     div: Vec<f32>,
 }
 
-/// The elementwise combination of sparsified deltas `ms` (one slice per
-/// model) with the base: weights, consensus, normalisation, lambda, base add,
-/// each op rounded. Elementwise, so any chunking gives the same bytes.
-/// Runs with the widest vector unit this CPU has ([`crate::simd`]); the same
-/// bits whichever variant runs.
-#[allow(clippy::too_many_arguments)]
-pub fn combine_chunk<R: crate::dtype::Rounding>(
-    r: R,
-    base: &[f32],
-    ms: &[&[f32]],
-    weights: &[f32],
-    consensus: Consensus,
-    normalize: bool,
-    lambda: f64,
-    o: &mut [f32],
-    s: &mut CombineScratch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[allow(clippy::too_many_arguments)]
-        #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-        fn v4<R: crate::dtype::Rounding>(
-            r: R,
-            base: &[f32],
-            ms: &[&[f32]],
-            weights: &[f32],
-            consensus: Consensus,
-            normalize: bool,
-            lambda: f64,
-            o: &mut [f32],
-            s: &mut CombineScratch,
-        ) {
-            combine_impl(r, base, ms, weights, consensus, normalize, lambda, o, s)
-        }
-        #[allow(clippy::too_many_arguments)]
-        #[target_feature(enable = "avx2,fma")]
-        fn v3<R: crate::dtype::Rounding>(
-            r: R,
-            base: &[f32],
-            ms: &[&[f32]],
-            weights: &[f32],
-            consensus: Consensus,
-            normalize: bool,
-            lambda: f64,
-            o: &mut [f32],
-            s: &mut CombineScratch,
-        ) {
-            combine_impl(r, base, ms, weights, consensus, normalize, lambda, o, s)
-        }
-        use crate::simd::Level;
-        match crate::simd::level() {
-            // SAFETY: `level` checked that the CPU has these features.
-            Level::V4 => {
-                return unsafe { v4(r, base, ms, weights, consensus, normalize, lambda, o, s) };
-            }
-            Level::V3 => {
-                return unsafe { v3(r, base, ms, weights, consensus, normalize, lambda, o, s) };
-            }
-            Level::Base => {}
-        }
+crate::simd::multiversion! {
+    /// The elementwise combination of sparsified deltas `ms` (one slice per
+    /// model) with the base: weights, consensus, normalisation, lambda, base add,
+    /// each op rounded. Elementwise, so any chunking gives the same bytes.
+    /// Runs with the widest vector unit this CPU has ([`crate::simd`]); the same
+    /// bits whichever variant runs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine_chunk<R: crate::dtype::Rounding>(
+        r: R,
+        base: &[f32],
+        ms: &[&[f32]],
+        weights: &[f32],
+        consensus: Consensus,
+        normalize: bool,
+        lambda: f64,
+        o: &mut [f32],
+        s: &mut CombineScratch,
+    ) {
+        combine_impl(r, base, ms, weights, consensus, normalize, lambda, o, s)
     }
-    combine_impl(r, base, ms, weights, consensus, normalize, lambda, o, s)
 }
 
 #[allow(clippy::too_many_arguments)]

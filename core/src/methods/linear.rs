@@ -90,19 +90,11 @@ fn weighted_sum_r<R: crate::dtype::Rounding>(
     out
 }
 
-/// One block of [`weighted_sum`], compiled for baseline x86-64, AVX2 and
-/// AVX-512 and picked at run time as `crate::simd`'s kernels (plain IEEE
-/// operations only, so every variant gives the same bits).
-fn block_sum<R: crate::dtype::Rounding>(
-    r: R,
-    o: &mut [f32],
-    xs: &[Tensor],
-    lo: usize,
-    w: &[f32],
-    wsum: Option<f32>,
-) {
-    #[inline(always)]
-    fn body<R: crate::dtype::Rounding>(
+crate::simd::multiversion! {
+    /// One block of [`weighted_sum`], compiled for baseline x86-64, AVX2 and
+    /// AVX-512 and picked at run time as `crate::simd`'s kernels (plain IEEE
+    /// operations only, so every variant gives the same bits).
+    fn block_sum<R: crate::dtype::Rounding>(
         r: R,
         o: &mut [f32],
         xs: &[Tensor],
@@ -135,39 +127,6 @@ fn block_sum<R: crate::dtype::Rounding>(
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
-        fn v4<R: crate::dtype::Rounding>(
-            r: R,
-            o: &mut [f32],
-            xs: &[Tensor],
-            lo: usize,
-            w: &[f32],
-            wsum: Option<f32>,
-        ) {
-            body(r, o, xs, lo, w, wsum)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        fn v3<R: crate::dtype::Rounding>(
-            r: R,
-            o: &mut [f32],
-            xs: &[Tensor],
-            lo: usize,
-            w: &[f32],
-            wsum: Option<f32>,
-        ) {
-            body(r, o, xs, lo, w, wsum)
-        }
-        use crate::simd::Level;
-        match crate::simd::level() {
-            // SAFETY: `level` checked that the CPU has these features.
-            Level::V4 => return unsafe { v4(r, o, xs, lo, w, wsum) },
-            Level::V3 => return unsafe { v3(r, o, xs, lo, w, wsum) },
-            Level::Base => {}
-        }
-    }
-    body(r, o, xs, lo, w, wsum)
 }
 
 #[cfg(test)]
