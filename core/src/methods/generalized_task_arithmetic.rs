@@ -321,103 +321,87 @@ crate::simd::multiversion! {
         o: &mut [f32],
         s: &mut CombineScratch,
     ) {
-        combine_impl(r, base, ms, weights, consensus, normalize, lambda, o, s)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn combine_impl<R: crate::dtype::Rounding>(
-    r: R,
-    base: &[f32],
-    ms: &[&[f32]],
-    weights: &[f32],
-    consensus: Consensus,
-    normalize: bool,
-    lambda: f64,
-    o: &mut [f32],
-    s: &mut CombineScratch,
-) {
-    let len = o.len();
-    let wsum = r.r(weights.iter().sum::<f32>());
-    let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
-    let lam = lambda as f32;
-    while s.wd.len() < ms.len() {
-        s.wd.push(Vec::new());
-    }
-    for ((wd, d), w) in s.wd.iter_mut().zip(ms).zip(weights) {
-        wd.clear();
-        wd.extend(d[..len].iter().map(|x| r.r(x * w)));
-    }
-    let wd = &s.wd[..ms.len()];
-    match consensus {
-        Consensus::Sum => {
-            let sum = &mut s.sum;
-            sum.clear();
-            sum.resize(len, 0.0);
-            for w in wd {
-                for (s, x) in sum.iter_mut().zip(w) {
-                    *s += x;
-                }
-            }
-            // majority sign (zero counts as positive); branch-free so
-            // the loops vectorise: x·maj > 0 ⇔ sign(x) == maj and x ≠ 0
-            let maj = &mut s.maj;
-            maj.clear();
-            maj.extend(
-                sum.iter()
-                    .map(|s| if r.r(*s) >= 0.0 { 1.0f32 } else { -1.0 }),
-            );
-            let div = &mut s.div;
-            div.clear();
-            div.resize(len, 0.0);
-            o.fill(0.0);
-            for (w, wk) in wd.iter().zip(weights) {
-                let wk = *wk;
-                for (((oi, di), m), x) in o
-                    .iter_mut()
-                    .zip(div.iter_mut())
-                    .zip(maj.iter())
-                    .zip(&w[..len])
-                {
-                    let agree = x * m > 0.0;
-                    *oi += if agree { *x } else { 0.0 };
-                    *di += if agree { wk } else { 0.0 };
-                }
-            }
-            for (oi, dv) in o.iter_mut().zip(div.iter_mut()) {
-                *oi = r.r(*oi);
-                let d = r.r(*dv);
-                *dv = if d == 0.0 { 1.0 } else { d };
-            }
-            if normalize {
-                for (oi, dv) in o.iter_mut().zip(div.iter()) {
-                    *oi = r.r(*oi / dv);
-                }
-            }
+        let len = o.len();
+        let wsum = r.r(weights.iter().sum::<f32>());
+        let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
+        let lam = lambda as f32;
+        while s.wd.len() < ms.len() {
+            s.wd.push(Vec::new());
         }
-        Consensus::None => {
-            o.fill(0.0);
-            for w in wd {
-                for (oi, x) in o.iter_mut().zip(w) {
-                    *oi += x;
+        for ((wd, d), w) in s.wd.iter_mut().zip(ms).zip(weights) {
+            wd.clear();
+            wd.extend(d[..len].iter().map(|x| r.r(x * w)));
+        }
+        let wd = &s.wd[..ms.len()];
+        match consensus {
+            Consensus::Sum => {
+                let sum = &mut s.sum;
+                sum.clear();
+                sum.resize(len, 0.0);
+                for w in wd {
+                    for (s, x) in sum.iter_mut().zip(w) {
+                        *s += x;
+                    }
                 }
-            }
-            for oi in o.iter_mut() {
-                *oi = r.r(*oi);
+                // majority sign (zero counts as positive); branch-free so
+                // the loops vectorise: x·maj > 0 ⇔ sign(x) == maj and x ≠ 0
+                let maj = &mut s.maj;
+                maj.clear();
+                maj.extend(
+                    sum.iter()
+                        .map(|s| if r.r(*s) >= 0.0 { 1.0f32 } else { -1.0 }),
+                );
+                let div = &mut s.div;
+                div.clear();
+                div.resize(len, 0.0);
+                o.fill(0.0);
+                for (w, wk) in wd.iter().zip(weights) {
+                    let wk = *wk;
+                    for (((oi, di), m), x) in o
+                        .iter_mut()
+                        .zip(div.iter_mut())
+                        .zip(maj.iter())
+                        .zip(&w[..len])
+                    {
+                        let agree = x * m > 0.0;
+                        *oi += if agree { *x } else { 0.0 };
+                        *di += if agree { wk } else { 0.0 };
+                    }
+                }
+                for (oi, dv) in o.iter_mut().zip(div.iter_mut()) {
+                    *oi = r.r(*oi);
+                    let d = r.r(*dv);
+                    *dv = if d == 0.0 { 1.0 } else { d };
+                }
                 if normalize {
-                    *oi = r.r(*oi / plain_div);
+                    for (oi, dv) in o.iter_mut().zip(div.iter()) {
+                        *oi = r.r(*oi / dv);
+                    }
+                }
+            }
+            Consensus::None => {
+                o.fill(0.0);
+                for w in wd {
+                    for (oi, x) in o.iter_mut().zip(w) {
+                        *oi += x;
+                    }
+                }
+                for oi in o.iter_mut() {
+                    *oi = r.r(*oi);
+                    if normalize {
+                        *oi = r.r(*oi / plain_div);
+                    }
                 }
             }
         }
-    }
-    if lambda != 1.0 {
-        for oi in o.iter_mut() {
-            *oi = r.r(*oi * lam);
+        if lambda != 1.0 {
+            for oi in o.iter_mut() {
+                *oi = r.r(*oi * lam);
+            }
         }
-    }
-    for (oi, bi) in o.iter_mut().zip(base) {
-        *oi = r.r(bi + *oi);
+        for (oi, bi) in o.iter_mut().zip(base) {
+            *oi = r.r(bi + *oi);
+        }
     }
 }
 
