@@ -261,6 +261,32 @@ impl methods::stream::BlockSource for PlainInputs<'_> {
         crate::tensor::cast_slice(out, loc.dtype, self.working);
         Ok(())
     }
+
+    fn read_delta_bf16(
+        &self,
+        i: usize,
+        e0: usize,
+        e1: usize,
+        base: &[f32],
+        out: &mut Vec<f32>,
+    ) -> Result<bool> {
+        use crate::dtype::DType;
+        let (src, loc) = self.inputs[i];
+        if loc.dtype != DType::BF16 || self.working != DType::BF16 || base.len() != e1 - e0 {
+            return Ok(false);
+        }
+        READ_BUF.with(|b| -> Result<()> {
+            let mut b = b.borrow_mut();
+            b.resize((e1 - e0) * 2, 0);
+            src.read_at(loc.offset + (e0 * 2) as u64, &mut b)?;
+            // reused buffers keep their length: every element is written
+            out.truncate(e1 - e0);
+            out.resize(e1 - e0, 0.0);
+            crate::simd::delta_bf16(&b, base, out);
+            Ok(())
+        })?;
+        Ok(true)
+    }
 }
 
 /// Runs one streamed task, writing output blocks as they finish.

@@ -76,6 +76,7 @@ pub(crate) fn level() -> Level {
             && is_x86_feature_detected!("avx512dq")
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("popcnt")
         {
             Level::V4
         } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -124,6 +125,19 @@ multiversion! {
 }
 
 multiversion! {
+    /// `out[i] = bf16(x[i] - b[i])` for little-endian bf16 bytes `x`: a
+    /// bfloat16 task vector block straight from the file's bytes (the same
+    /// bits as [`decode_bf16`] then [`sub_rounded`], without the decoded
+    /// buffer in between).
+    pub fn delta_bf16(bytes: &[u8], b: &[f32], out: &mut [f32]) {
+        for ((o, c), bi) in out.iter_mut().zip(bytes.chunks_exact(2)).zip(b) {
+            let x = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            *o = crate::dtype::bf16_round(x - bi);
+        }
+    }
+}
+
+multiversion! {
     /// `x[i] = r(x[i] - b[i])`: a task vector block, rounded to the working
     /// dtype.
     pub fn sub_rounded<R: crate::dtype::Rounding>(r: R, x: &mut [f32], b: &[f32]) {
@@ -163,6 +177,88 @@ multiversion! {
             }
         }
     }
+}
+
+/// Whether [`hist_window`] compacts with vector instructions here (else it
+/// is no faster than [`hist_hi`]).
+pub fn compacts() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return level() == Level::V4;
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Like [`hist_hi`] (no low halves) for keys whose high half lies in
+/// `lo..=hi` only; returns how many keys have a high half above `hi` (the
+/// rest, below `lo`, are neither counted nor binned). With AVX-512 the keys
+/// in the window are compacted 16 at a time and only they touch the
+/// histogram: a window around a top-k threshold holds a few percent of a
+/// task vector, so this runs several times faster than binning every key.
+pub fn hist_window(d: &[f32], flip: u32, lo: u32, hi: u32, h: &mut [u32]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::V4 && lo <= hi {
+        // SAFETY: `level` checked that the CPU has AVX-512F and POPCNT.
+        return unsafe { hist_window_v4(d, flip, lo, hi, h) };
+    }
+    hist_window_generic(d, flip, lo, hi, h)
+}
+
+fn hist_window_generic(d: &[f32], flip: u32, lo: u32, hi: u32, h: &mut [u32]) -> u64 {
+    let h = &mut h[..1 << 16];
+    let mut above = 0u64;
+    for x in d {
+        let k = key(*x, flip) >> 16;
+        if k > hi {
+            above += 1;
+        } else if k >= lo {
+            h[k as usize] += 1;
+        }
+    }
+    above
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,popcnt")]
+fn hist_window_v4(d: &[f32], flip: u32, lo: u32, hi: u32, h: &mut [u32]) -> u64 {
+    use std::arch::x86_64::*;
+    const PIECE: usize = 1024;
+    let h = &mut h[..1 << 16];
+    let mut buf = [0u32; PIECE + 16];
+    let absmask = _mm512_set1_epi32(0x7FFF_FFFF);
+    let vflip = _mm512_set1_epi32(flip as i32);
+    let vlo = _mm512_set1_epi32(lo as i32);
+    let span = _mm512_set1_epi32(hi.wrapping_sub(lo) as i32);
+    let vhi = _mm512_set1_epi32(hi as i32);
+    let one = _mm512_set1_epi32(1);
+    let mut above = 0u64;
+    let whole = d.len() / 16 * 16;
+    for piece in d[..whole].chunks(PIECE) {
+        let mut n = 0usize;
+        let mut ab = _mm512_setzero_si512();
+        for c in piece.chunks_exact(16) {
+            // SAFETY: `c` holds 16 f32; `buf` has room for 16 more past
+            // `n` (< PIECE + 1 here).
+            unsafe {
+                let v = _mm512_loadu_si512(c.as_ptr().cast());
+                let k =
+                    _mm512_srli_epi32(_mm512_xor_si512(_mm512_and_si512(v, absmask), vflip), 16);
+                // lo <= k <= hi  ⇔  k - lo <= hi - lo (unsigned)
+                let inw = _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, vlo), span);
+                let up = _mm512_cmpgt_epu32_mask(k, vhi);
+                ab = _mm512_mask_add_epi32(ab, up, ab, one);
+                _mm512_storeu_si512(
+                    buf.as_mut_ptr().add(n).cast(),
+                    _mm512_maskz_compress_epi32(inw, k),
+                );
+                n += inw.count_ones() as usize;
+            }
+        }
+        for k in &buf[..n] {
+            h[*k as usize] += 1;
+        }
+        above += _mm512_reduce_add_epi32(ab) as u32 as u64;
+    }
+    above + hist_window_generic(&d[whole..], flip, lo, hi, h)
 }
 
 multiversion! {
@@ -223,8 +319,10 @@ multiversion! {
     /// `s.bernoulli(e0 + i, p)`, else +0.0 — [`crate::rng::Stream::bernoulli`]
     /// computed eight lanes at a time.
     pub fn keep_random(d: &mut [f32], s: crate::rng::Stream, e0: u64, p: f32) {
-        for (i, x) in d.iter_mut().enumerate() {
-            *x = if s.bernoulli(e0 + i as u64, p) { *x } else { 0.0 };
+        let mut m = e0.wrapping_mul(crate::rng::Stream::STEP);
+        for x in d.iter_mut() {
+            *x = if s.uniform_at(m) < p { *x } else { 0.0 };
+            m = m.wrapping_add(crate::rng::Stream::STEP);
         }
     }
 }
@@ -232,8 +330,10 @@ multiversion! {
 multiversion! {
     /// Keep flags of DARE's mask (see [`keep_random`]).
     pub fn random_flags(f: &mut [u8], s: crate::rng::Stream, e0: u64, p: f32) {
-        for (i, x) in f.iter_mut().enumerate() {
-            *x = s.bernoulli(e0 + i as u64, p) as u8;
+        let mut m = e0.wrapping_mul(crate::rng::Stream::STEP);
+        for x in f.iter_mut() {
+            *x = (s.uniform_at(m) < p) as u8;
+            m = m.wrapping_add(crate::rng::Stream::STEP);
         }
     }
 }
@@ -241,34 +341,85 @@ multiversion! {
 multiversion! {
     /// DELLA's flags of one rank row: `f[j] = s.bernoulli(e0 + j, p[j])`.
     pub fn della_flags(f: &mut [u8], p: &[f32], s: crate::rng::Stream, e0: u64) {
-        for (j, (x, p)) in f.iter_mut().zip(p).enumerate() {
-            *x = s.bernoulli(e0 + j as u64, *p) as u8;
+        let mut m = e0.wrapping_mul(crate::rng::Stream::STEP);
+        for (x, p) in f.iter_mut().zip(p) {
+            *x = (s.uniform_at(m) < *p) as u8;
+            m = m.wrapping_add(crate::rng::Stream::STEP);
         }
     }
 }
 
-multiversion! {
-    /// Flags (0 / non-zero) into bits, 64 per word, LSB first.
-    pub fn pack_flags(f: &[u8], bits: &mut [u64]) {
-        for (w, c) in bits.iter_mut().zip(f.chunks(64)) {
-            let mut m = 0u64;
-            for (j, x) in c.iter().enumerate() {
-                m |= ((*x != 0) as u64) << j;
-            }
-            *w = m;
+/// Flags (0 / non-zero) into bits, 64 per word, LSB first.
+pub fn pack_flags(f: &[u8], bits: &mut [u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::V4 {
+        // SAFETY: `level` checked that the CPU has AVX-512F/BW.
+        return unsafe { pack_flags_v4(f, bits) };
+    }
+    pack_flags_generic(f, bits)
+}
+
+fn pack_flags_generic(f: &[u8], bits: &mut [u64]) {
+    for (w, c) in bits.iter_mut().zip(f.chunks(64)) {
+        let mut m = 0u64;
+        for (j, x) in c.iter().enumerate() {
+            m |= ((*x != 0) as u64) << j;
+        }
+        *w = m;
+    }
+}
+
+/// [`pack_flags`] with AVX-512BW: one byte test per 64 flags (LLVM makes a
+/// long shift-and-or chain of the plain loop).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn pack_flags_v4(f: &[u8], bits: &mut [u64]) {
+    use std::arch::x86_64::*;
+    let whole = (f.len() / 64).min(bits.len());
+    for (w, c) in bits[..whole].iter_mut().zip(f.chunks_exact(64)) {
+        // SAFETY: `c` holds 64 bytes (chunks_exact).
+        let v = unsafe { _mm512_loadu_si512(c.as_ptr().cast()) };
+        *w = _mm512_test_epi8_mask(v, v);
+    }
+    pack_flags_generic(&f[whole * 64..], &mut bits[whole..]);
+}
+
+/// Zeroes (+0.0) every element whose bit (see [`pack_flags`]) is clear.
+pub fn keep_bits(d: &mut [f32], bits: &[u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::V4 {
+        // SAFETY: `level` checked that the CPU has AVX-512F.
+        return unsafe { keep_bits_v4(d, bits) };
+    }
+    keep_bits_generic(d, bits)
+}
+
+fn keep_bits_generic(d: &mut [f32], bits: &[u64]) {
+    for (c, w) in d.chunks_mut(64).zip(bits) {
+        for (j, x) in c.iter_mut().enumerate() {
+            *x = if (w >> j) & 1 != 0 { *x } else { 0.0 };
         }
     }
 }
 
-multiversion! {
-    /// Zeroes (+0.0) every element whose bit (see [`pack_flags`]) is clear.
-    pub fn keep_bits(d: &mut [f32], bits: &[u64]) {
-        for (c, w) in d.chunks_mut(64).zip(bits) {
-            for (j, x) in c.iter_mut().enumerate() {
-                *x = if (w >> j) & 1 != 0 { *x } else { 0.0 };
+/// [`keep_bits`] with AVX-512: a zero-masked move per 16 elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn keep_bits_v4(d: &mut [f32], bits: &[u64]) {
+    use std::arch::x86_64::*;
+    let whole = (d.len() / 64).min(bits.len());
+    let (head, tail) = d.split_at_mut(whole * 64);
+    for (c, w) in head.chunks_exact_mut(64).zip(bits) {
+        for (q, x) in c.chunks_exact_mut(16).enumerate() {
+            let k = (w >> (16 * q)) as u16;
+            // SAFETY: `x` holds 16 f32 (chunks_exact).
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr());
+                _mm512_storeu_ps(x.as_mut_ptr(), _mm512_maskz_mov_ps(k, v));
             }
         }
     }
+    keep_bits_generic(tail, &bits[whole..]);
 }
 
 multiversion! {
@@ -501,6 +652,62 @@ mod tests {
                 (gx.to_bits(), gy.to_bits(), gz.to_bits()),
                 "{n}"
             );
+        }
+    }
+
+    #[test]
+    fn bit_kernels_and_windowed_histograms_match_plain_loops() {
+        let s = crate::rng::Stream::new(3, "bits", "x");
+        for n in [0usize, 1, 15, 16, 17, 63, 64, 65, 1000, 1024, 1041, 5000] {
+            let f: Vec<u8> = (0..n as u64)
+                .map(|i| (s.uniform(i) < 0.4) as u8 * (1 + (i % 3) as u8))
+                .collect();
+            let words = n.div_ceil(64);
+            let (mut a, mut b) = (vec![0u64; words], vec![0u64; words]);
+            super::pack_flags(&f, &mut a);
+            super::pack_flags_generic(&f, &mut b);
+            assert_eq!(a, b, "{n}");
+            for (j, x) in f.iter().enumerate() {
+                assert_eq!((a[j / 64] >> (j % 64)) & 1 == 1, *x != 0);
+            }
+            let d: Vec<f32> = (0..n as u64)
+                .map(|i| match i % 89 {
+                    3 => -0.0,
+                    4 => f32::NAN,
+                    _ => (s.uniform(i + 5) - 0.5) * 1e-2,
+                })
+                .collect();
+            let (mut x, mut y) = (d.clone(), d.clone());
+            super::keep_bits(&mut x, &a);
+            super::keep_bits_generic(&mut y, &a);
+            let bits = |v: &[f32]| v.iter().map(|z| z.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&x), bits(&y), "{n}");
+            for flip in [0u32, u32::MAX] {
+                let keys: Vec<u32> = d.iter().map(|v| super::key(*v, flip) >> 16).collect();
+                let mut sorted = keys.clone();
+                sorted.sort_unstable();
+                for (lo, hi) in [
+                    (0u32, 0xFFFF),
+                    (
+                        sorted.get(n / 3).copied().unwrap_or(7),
+                        sorted.get(n / 2).copied().unwrap_or(9),
+                    ),
+                    (0x3C00, 0x3C00),
+                    (0x8000, 0x7FFF),
+                ] {
+                    let (mut h1, mut h2) = (vec![0u32; 1 << 16], vec![0u32; 1 << 16]);
+                    let a1 = super::hist_window(&d, flip, lo, hi, &mut h1);
+                    let a2 = super::hist_window_generic(&d, flip, lo, hi, &mut h2);
+                    assert_eq!(a1, a2, "{n} {lo} {hi}");
+                    assert!(h1 == h2, "{n} {lo} {hi}");
+                    assert_eq!(a1, keys.iter().filter(|k| **k > hi).count() as u64);
+                    for k in &keys {
+                        let want = keys.iter().filter(|q| *q == k).count() as u32;
+                        let inw = *k >= lo && *k <= hi;
+                        assert_eq!(h1[*k as usize], if inw { want } else { 0 }, "{n} {lo} {hi}");
+                    }
+                }
+            }
         }
     }
 

@@ -273,8 +273,12 @@ impl GeneralizedTaskArithmetic {
         let delta = |s: &mut Scratch, m: usize, out: usize, e0: usize, e1: usize| -> Result<()> {
             // bufs[0] = base (already read), bufs[out] = Δ of model m
             let mut x = std::mem::take(&mut s.bufs[out]);
-            src.read(models[m].input, e0, e1, &mut x)?;
-            crate::simd::sub_rounded(r, &mut x, &s.bufs[0]);
+            let fused = dt == DType::BF16
+                && src.read_delta_bf16(models[m].input, e0, e1, &s.bufs[0], &mut x)?;
+            if !fused {
+                src.read(models[m].input, e0, e1, &mut x)?;
+                crate::simd::sub_rounded(r, &mut x, &s.bufs[0]);
+            }
             s.bufs[out] = x;
             Ok(())
         };
@@ -665,55 +669,190 @@ fn hist_pass(
     his: Option<&[u32]>,
     track_lo: bool,
 ) -> Result<Vec<Hist>> {
-    let slot_of = |m: usize| 1 + sel_models.iter().position(|x| *x == m).expect("model");
-    // one set of histograms per pool thread, made when the thread first
-    // counts and kept for the whole pass (a set per rayon split would
-    // allocate, zero and add megabytes per tensor)
-    let slots: Vec<std::sync::Mutex<Option<Vec<LocalHist>>>> = (0..rayon::current_num_threads()
-        .max(1))
-        .map(|_| std::sync::Mutex::new(None))
-        .collect();
-    for_blocks(n, block, |s, _, e0, e1| -> Result<()> {
-        s.ensure(1 + sel_models.len());
-        let mut base = std::mem::take(&mut s.bufs[0]);
-        src.read(b, e0, e1, &mut base)?;
-        s.bufs[0] = base;
-        for (q, &m) in sel_models.iter().enumerate() {
-            delta(s, m, q + 1, e0, e1)?;
-        }
-        let t = rayon::current_thread_index().unwrap_or(0) % slots.len();
-        let mut g = slots[t].lock().unwrap_or_else(|p| p.into_inner());
-        let hs = g.get_or_insert_with(|| (0..which.len()).map(|_| LocalHist::new()).collect());
-        for (q, &j) in which.iter().enumerate() {
-            let flip = sels[j].kind.flip();
-            let d = &s.bufs[slot_of(sels[j].model)];
-            let h = &mut hs[q];
-            h.room(d.len());
-            match his {
-                None if track_lo => {
-                    let mut lo = (h.lo_or, h.lo_and);
-                    crate::simd::hist_hi(d, flip, &mut h.h, Some(&mut lo));
-                    (h.lo_or, h.lo_and) = lo;
-                }
-                None => {
-                    crate::simd::hist_hi(d, flip, &mut h.h, None);
-                    // bfloat16: every low half is that of `flip`
-                    (h.lo_or, h.lo_and) = (flip & 0xFFFF, flip & 0xFFFF);
-                }
-                Some(his) => crate::simd::hist_lo(d, flip, his[q], &mut h.h),
-            }
-        }
-        Ok(())
-    })?;
-    let mut total = vec![Hist::new(); which.len()];
-    for slot in slots {
-        if let Some(hs) = slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            for (t, h) in total.iter_mut().zip(hs) {
-                h.add_to(t);
-            }
-        }
+    let nb = n.div_ceil(block);
+    let p = HistPass {
+        n,
+        block,
+        sel_models,
+        which,
+        sels,
+        src,
+        b,
+        delta,
+    };
+    if his.is_none()
+        && !track_lo
+        && nb >= WINDOW_MIN_BLOCKS
+        && crate::simd::compacts()
+        && let Some(h) = p.windowed()?
+    {
+        return Ok(h);
     }
-    Ok(total)
+    let all: Vec<usize> = (0..nb).collect();
+    let (h, _) = p.run(&all, his, track_lo, None)?;
+    Ok(h)
+}
+
+/// Tensors of at least this many blocks count bfloat16 keys through a
+/// window (see [`HistPass::windowed`]).
+const WINDOW_MIN_BLOCKS: usize = 32;
+
+/// The inputs of a histogram pass.
+struct HistPass<'a> {
+    n: usize,
+    block: usize,
+    sel_models: &'a [usize],
+    which: &'a [usize],
+    sels: &'a [Sel],
+    src: &'a dyn BlockSource,
+    b: usize,
+    delta: &'a DeltaFn<'a>,
+}
+
+impl HistPass<'_> {
+    /// Histograms of the listed blocks; with `window = Some`, only key high
+    /// halves in `window[q]` are binned, and the counts of keys above each
+    /// window come back too.
+    fn run(
+        &self,
+        list: &[usize],
+        his: Option<&[u32]>,
+        track_lo: bool,
+        window: Option<&[(u32, u32)]>,
+    ) -> Result<(Vec<Hist>, Vec<u64>)> {
+        let (sel_models, which, sels) = (self.sel_models, self.which, self.sels);
+        let slot_of = |m: usize| 1 + sel_models.iter().position(|x| *x == m).expect("model");
+        // one set of histograms per pool thread, made when the thread first
+        // counts and kept for the whole pass (a set per rayon split would
+        // allocate, zero and add megabytes per tensor)
+        type Slot = Option<(Vec<LocalHist>, Vec<u64>)>;
+        let slots: Vec<std::sync::Mutex<Slot>> = (0..rayon::current_num_threads().max(1))
+            .map(|_| std::sync::Mutex::new(None))
+            .collect();
+        for_listed_blocks(self.n, self.block, list, |s, _, e0, e1| -> Result<()> {
+            s.ensure(1 + sel_models.len());
+            let mut base = std::mem::take(&mut s.bufs[0]);
+            self.src.read(self.b, e0, e1, &mut base)?;
+            s.bufs[0] = base;
+            for (q, &m) in sel_models.iter().enumerate() {
+                (self.delta)(s, m, q + 1, e0, e1)?;
+            }
+            let t = rayon::current_thread_index().unwrap_or(0) % slots.len();
+            let mut g = slots[t].lock().unwrap_or_else(|p| p.into_inner());
+            let (hs, above) = g.get_or_insert_with(|| {
+                (
+                    (0..which.len()).map(|_| LocalHist::new()).collect(),
+                    vec![0; which.len()],
+                )
+            });
+            for (q, &j) in which.iter().enumerate() {
+                let flip = sels[j].kind.flip();
+                let d = &s.bufs[slot_of(sels[j].model)];
+                let h = &mut hs[q];
+                h.room(d.len());
+                match (his, window) {
+                    (_, Some(w)) => {
+                        above[q] += crate::simd::hist_window(d, flip, w[q].0, w[q].1, &mut h.h);
+                        (h.lo_or, h.lo_and) = (flip & 0xFFFF, flip & 0xFFFF);
+                    }
+                    (None, None) if track_lo => {
+                        let mut lo = (h.lo_or, h.lo_and);
+                        crate::simd::hist_hi(d, flip, &mut h.h, Some(&mut lo));
+                        (h.lo_or, h.lo_and) = lo;
+                    }
+                    (None, None) => {
+                        crate::simd::hist_hi(d, flip, &mut h.h, None);
+                        // bfloat16: every low half is that of `flip`
+                        (h.lo_or, h.lo_and) = (flip & 0xFFFF, flip & 0xFFFF);
+                    }
+                    (Some(his), None) => crate::simd::hist_lo(d, flip, his[q], &mut h.h),
+                }
+            }
+            Ok(())
+        })?;
+        let mut total = vec![Hist::new(); which.len()];
+        let mut above = vec![0u64; which.len()];
+        for slot in slots {
+            if let Some((hs, ab)) = slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                for (t, h) in total.iter_mut().zip(hs) {
+                    h.add_to(t);
+                }
+                for (t, a) in above.iter_mut().zip(ab) {
+                    *t += a;
+                }
+            }
+        }
+        Ok((total, above))
+    }
+
+    /// bfloat16 top-level histograms counted through windows: a strided
+    /// sample of blocks (about an eighth of the blocks, at most 8) is binned
+    /// whole; its histogram places each selection's threshold within a
+    /// window of key values wide enough to hold it with a wide margin
+    /// (6 σ of the sample quantile plus 1 % of the sample); the other blocks
+    /// bin only keys inside the window and count those above it
+    /// ([`crate::simd::hist_window`], several times faster than binning
+    /// everything). The keys outside each window are then added as one bin
+    /// just above and one just below it, so every count from the top is
+    /// exact down through the window. `None` when a threshold falls outside
+    /// its window after all: the caller counts everything again, so the
+    /// result never depends on the sample, only the time does.
+    fn windowed(&self) -> Result<Option<Vec<Hist>>> {
+        let nb = self.n.div_ceil(self.block);
+        let stride = nb / 8;
+        let sample: Vec<usize> = (0..8).map(|i| i * stride + stride / 2).collect();
+        let rest: Vec<usize> = (0..nb).filter(|b| !sample.contains(b)).collect();
+        let (mut hists, _) = self.run(&sample, None, false, None)?;
+        let len_of = |b: usize| ((b + 1) * self.block).min(self.n) - b * self.block;
+        let s_n = sample.iter().map(|b| len_of(*b)).sum::<usize>() as f64;
+        let windows: Vec<(u32, u32)> = self
+            .which
+            .iter()
+            .zip(&hists)
+            .map(|(&j, h)| {
+                let ka = self.sels[j].s.k as f64 * s_n / self.n as f64;
+                let margin = 6.0 * (ka * (1.0 - ka / s_n)).max(0.0).sqrt() + 0.01 * s_n + 16.0;
+                let (top, bottom) = (ka - margin, ka + margin);
+                let hi = if top < 1.0 {
+                    0xFFFF
+                } else {
+                    pick_bin(&h.h, top.ceil() as u64).0 as u32
+                };
+                let lo = if bottom >= s_n {
+                    0
+                } else {
+                    pick_bin(&h.h, bottom as u64).0 as u32
+                };
+                (lo, hi)
+            })
+            .collect();
+        let (rest_h, above) = self.run(&rest, None, false, Some(&windows))?;
+        let rest_n = self.n as u64 - s_n as u64;
+        for (q, (&j, h)) in self.which.iter().zip(hists.iter_mut()).enumerate() {
+            let (lo, hi) = windows[q];
+            let r = &rest_h[q];
+            let inside: u64 = r.h[lo as usize..=hi as usize].iter().sum();
+            for (t, c) in h.h.iter_mut().zip(&r.h) {
+                *t += c;
+            }
+            let below = rest_n - above[q] - inside;
+            if hi < 0xFFFF {
+                h.h[hi as usize + 1] += above[q];
+            }
+            if lo > 0 {
+                h.h[lo as usize - 1] += below;
+            }
+            let (at, _) = pick_bin(&h.h, self.sels[j].s.k as u64);
+            if at < lo as usize
+                || at > hi as usize
+                || (hi == 0xFFFF && above[q] != 0)
+                || (lo == 0 && below != 0)
+            {
+                return Ok(None);
+            }
+        }
+        Ok(Some(hists))
+    }
 }
 
 /// A thread's histogram: 32-bit counts (half the cache footprint of
@@ -1049,6 +1188,68 @@ mod tests {
             same,
             "{method} {dt} {shape:?} {pm:?} {extra:?}: streamed differs"
         );
+    }
+
+    /// Windowed bfloat16 histograms give the exact top-k threshold bin and
+    /// its count (as binning every key does), or give up when the sampled
+    /// blocks mislead (their magnitudes unlike the rest's): never a wrong
+    /// threshold.
+    #[test]
+    fn windowed_histograms_are_exact_or_give_up() {
+        let nb = 40;
+        let n = nb * BLOCK;
+        let s = Stream::new(5, "window", "x");
+        for misleading in [false, true] {
+            let stride = nb / 8;
+            let x: Vec<f32> = (0..n)
+                .map(|i| {
+                    let b = i / BLOCK;
+                    let big = misleading && b % stride == stride / 2;
+                    let u = s.uniform(i as u64) - 0.5;
+                    crate::dtype::bf16_round(if big { u * 100.0 } else { u * 0.01 })
+                })
+                .collect();
+            let src = VecSource(vec![vec![0.0; n], x]);
+            let delta = |s: &mut Scratch, _m: usize, out: usize, e0: usize, e1: usize| {
+                let mut v = std::mem::take(&mut s.bufs[out]);
+                src.read(1, e0, e1, &mut v)?;
+                crate::simd::sub_rounded(crate::dtype::Bf16Rounding, &mut v, &s.bufs[0]);
+                s.bufs[out] = v;
+                Ok(())
+            };
+            for (kind, k) in [
+                (KeyKind::Abs, n / 2),
+                (KeyKind::Abs, n / 50),
+                (KeyKind::NotAbs, n / 3),
+            ] {
+                let sels = vec![Sel {
+                    model: 0,
+                    kind,
+                    s: Selection::new(n, k, true),
+                }];
+                let p = HistPass {
+                    n,
+                    block: BLOCK,
+                    sel_models: &[0],
+                    which: &[0],
+                    sels: &sels,
+                    src: &src,
+                    b: 0,
+                    delta: &delta,
+                };
+                let all: Vec<usize> = (0..nb).collect();
+                let (exact, _) = p.run(&all, None, false, None).unwrap();
+                match p.windowed().unwrap() {
+                    Some(w) => {
+                        assert!(!misleading, "a misleading sample was trusted");
+                        let (at, cum) = pick_bin(&exact[0].h, k as u64);
+                        assert_eq!(pick_bin(&w[0].h, k as u64), (at, cum));
+                        assert_eq!(w[0].h[at], exact[0].h[at]);
+                    }
+                    None => assert!(misleading, "gave up on an even tensor ({k})"),
+                }
+            }
+        }
     }
 
     /// `ranks_of` is a stable ascending sort's destination, whatever the

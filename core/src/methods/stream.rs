@@ -18,6 +18,23 @@ pub trait BlockSource: Sync {
     /// Elements `e0..e1` (flat index) of input `i` (configuration order),
     /// cast to the working dtype, into `out` (resized to `e1 - e0`).
     fn read(&self, i: usize, e0: usize, e1: usize, out: &mut Vec<f32>) -> Result<()>;
+
+    /// When input `i` and the working dtype are both bfloat16: its task
+    /// vector against `base` (elements `e0..e1`), `out[j] = bf16(x[j] -
+    /// base[j])`, into `out`, returning true. Returns false, touching
+    /// nothing, where the source has no such shortcut: the caller reads
+    /// and subtracts itself (same bits).
+    fn read_delta_bf16(
+        &self,
+        i: usize,
+        e0: usize,
+        e1: usize,
+        base: &[f32],
+        out: &mut Vec<f32>,
+    ) -> Result<bool> {
+        let _ = (i, e0, e1, base, out);
+        Ok(false)
+    }
 }
 
 /// Receives output elements starting at flat index `e0` (any order).
@@ -114,6 +131,24 @@ pub fn for_blocks<T: Send>(
         .into_par_iter()
         .with_max_len(1)
         .map(|b| {
+            with_scratch(|s| {
+                let e0 = b * block;
+                f(s, b, e0, (e0 + block).min(n))
+            })
+        })
+        .collect()
+}
+
+/// [`for_blocks`] over the listed blocks only; results in list order.
+pub fn for_listed_blocks<T: Send>(
+    n: usize,
+    block: usize,
+    list: &[usize],
+    f: impl Fn(&mut Scratch, usize, usize, usize) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    list.par_iter()
+        .with_max_len(1)
+        .map(|&b| {
             with_scratch(|s| {
                 let e0 = b * block;
                 f(s, b, e0, (e0 + block).min(n))
