@@ -332,12 +332,8 @@ crate::simd::multiversion! {
         };
         // one pass per element, everything in registers, for the usual
         // model counts
-        match ms.len() {
-            1 => fused::<1, R>(r, base, ms, weights, k, o),
-            2 => fused::<2, R>(r, base, ms, weights, k, o),
-            3 => fused::<3, R>(r, base, ms, weights, k, o),
-            4 => fused::<4, R>(r, base, ms, weights, k, o),
-            _ => staged(r, base, ms, weights, k, o, s),
+        if !fused_any(r, base, ms, weights, k, o) {
+            staged(r, base, ms, weights, k, o, s);
         }
     }
 }
@@ -448,6 +444,27 @@ struct Knobs {
     lam: Option<f32>,
 }
 
+/// [`fused`] for the model counts it is compiled for (1–4); false, doing
+/// nothing, for others.
+#[inline(always)]
+fn fused_any<R: crate::dtype::Rounding>(
+    r: R,
+    base: &[f32],
+    ms: &[&[f32]],
+    weights: &[f32],
+    k: Knobs,
+    o: &mut [f32],
+) -> bool {
+    match ms.len() {
+        1 => fused::<1, R>(r, base, ms, weights, k, o),
+        2 => fused::<2, R>(r, base, ms, weights, k, o),
+        3 => fused::<3, R>(r, base, ms, weights, k, o),
+        4 => fused::<4, R>(r, base, ms, weights, k, o),
+        _ => return false,
+    }
+    true
+}
+
 /// [`combine_chunk`] for `N` models in one pass per element: the same
 /// operations in the same order as its staged loops (the same bits), with
 /// every intermediate in registers.
@@ -512,7 +529,7 @@ mod tests {
     use super::*;
 
     /// The one-pass combination gives the staged loops' bits, for every
-    /// model count it covers, both consensus rules, with and without
+    /// model count it covers (and declines five models), both consensus rules, with and without
     /// normalisation and lambda, in bfloat16 and float32, on deltas with
     /// zeros of both signs, NaN and infinities.
     #[test]
@@ -529,6 +546,23 @@ mod tests {
                 _ => r.r((s.uniform(i) - 0.5) * 2.0),
             };
             let base: Vec<f32> = (0..len as u64).map(|i| val(i + 50_000)).collect();
+            let five: Vec<&[f32]> = vec![&base; 5];
+            let knobs = Knobs {
+                sum: true,
+                normalize: true,
+                plain_div: 1.0,
+                lam: None,
+            };
+            let mut untouched = vec![7f32; len];
+            assert!(!fused_any(
+                r,
+                &base,
+                &five,
+                &[0.2; 5],
+                knobs,
+                &mut untouched
+            ));
+            assert!(untouched.iter().all(|x| *x == 7.0));
             for n in 1..=4usize {
                 let ms: Vec<Vec<f32>> = (0..n)
                     .map(|m| (0..len as u64).map(|i| val(i + 1000 * m as u64)).collect())
@@ -552,12 +586,7 @@ mod tests {
                                 };
                                 let mut a = vec![0f32; len];
                                 let mut b = vec![1f32; len];
-                                match n {
-                                    1 => fused::<1, R>(r, &base, &msr, w, k, &mut a),
-                                    2 => fused::<2, R>(r, &base, &msr, w, k, &mut a),
-                                    3 => fused::<3, R>(r, &base, &msr, w, k, &mut a),
-                                    _ => fused::<4, R>(r, &base, &msr, w, k, &mut a),
-                                }
+                                assert!(fused_any(r, &base, &msr, w, k, &mut a));
                                 staged(
                                     r,
                                     &base,

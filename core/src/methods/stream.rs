@@ -126,17 +126,8 @@ pub fn for_blocks<T: Send>(
     block: usize,
     f: impl Fn(&mut Scratch, usize, usize, usize) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    let nb = n.div_ceil(block);
-    (0..nb)
-        .into_par_iter()
-        .with_max_len(1)
-        .map(|b| {
-            with_scratch(|s| {
-                let e0 = b * block;
-                f(s, b, e0, (e0 + block).min(n))
-            })
-        })
-        .collect()
+    let all: Vec<usize> = (0..n.div_ceil(block)).collect();
+    for_listed_blocks(n, block, &all, f)
 }
 
 /// [`for_blocks`] over the listed blocks only; results in list order.
