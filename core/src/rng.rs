@@ -44,6 +44,13 @@ impl Stream {
         self.uniform_at(index.wrapping_mul(Self::STEP))
     }
 
+    /// The stream's key (what [`Stream::uniform_at`] mixes with the
+    /// multiplied index), for vector versions of the draws.
+    #[inline(always)]
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
     /// The multiplier applied to an element index before mixing: loops
     /// over consecutive indices add it instead of multiplying (see
     /// [`Stream::uniform_at`]).

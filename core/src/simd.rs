@@ -261,6 +261,150 @@ fn hist_window_v4(d: &[f32], flip: u32, lo: u32, hi: u32, h: &mut [u32]) -> u64 
     above + hist_window_generic(&d[whole..], flip, lo, hi, h)
 }
 
+/// `out[j] = lut[idx[j]]` for every `j` of the shorter of `idx` and `out`;
+/// an index past the end of `lut` reads its last entry. `lut` must not be
+/// empty.
+pub fn gather_f32(lut: &[f32], idx: &[u32], out: &mut [f32]) {
+    assert!(!lut.is_empty(), "gather from an empty table");
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::V4 && lut.len() <= i32::MAX as usize {
+        // SAFETY: `level` checked that the CPU has AVX-512F.
+        return unsafe { gather_f32_v4(lut, idx, out) };
+    }
+    gather_f32_generic(lut, idx, out)
+}
+
+fn gather_f32_generic(lut: &[f32], idx: &[u32], out: &mut [f32]) {
+    let last = lut.len() - 1;
+    for (o, i) in out.iter_mut().zip(idx) {
+        *o = lut[(*i as usize).min(last)];
+    }
+}
+
+/// [`gather_f32`] with AVX-512 gathers (indices clamped to the table first).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn gather_f32_v4(lut: &[f32], idx: &[u32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = idx.len().min(out.len());
+    let whole = n / 16 * 16;
+    let last = _mm512_set1_epi32((lut.len() - 1) as i32);
+    for (o, i) in out[..whole]
+        .chunks_exact_mut(16)
+        .zip(idx[..whole].chunks_exact(16))
+    {
+        // SAFETY: `i` and `o` hold 16 lanes each; every lane's index is
+        // clamped to `lut.len() - 1`, so the gather reads inside `lut`.
+        unsafe {
+            let k = _mm512_min_epu32(_mm512_loadu_si512(i.as_ptr().cast()), last);
+            let v = _mm512_i32gather_ps::<4>(k, lut.as_ptr());
+            _mm512_storeu_ps(o.as_mut_ptr(), v);
+        }
+    }
+    gather_f32_generic(lut, &idx[whole..n], &mut out[whole..n]);
+}
+
+/// DELLA's probability of each occupied counting-sort bin: for the bins
+/// `nz` (ascending) with counts `counts[b]` and ranks from `acc` on,
+/// `lut[b] = (cum[hi] − cum[lo]) · inv[c]` in f64, rounded to f32, where
+/// `c = counts[b]`, `lo` the bin's first rank and `hi = lo + c` (a bin's
+/// ranks end where the next one's start: one sum is read per bin). Indices
+/// are clamped to the tables (the counts must add up to at most
+/// `cum.len() − 1 − acc` for the result to mean anything).
+pub fn tie_means(
+    nz: &[u32],
+    counts: &[u32],
+    cum: &[f64],
+    inv: &[f64],
+    acc: usize,
+    lut: &mut [f32],
+) {
+    if nz.is_empty() || counts.is_empty() || cum.is_empty() || inv.is_empty() || lut.is_empty() {
+        return;
+    }
+    tie_means_scalar(nz, counts, cum, inv, acc, lut);
+}
+
+/// [`tie_means`]' loop, out of line so that it keeps everything in
+/// registers. Scalar: AVX-512 gathers and scatters of eight bins at a time
+/// measured slower on Cascade Lake.
+#[inline(never)]
+fn tie_means_scalar(
+    nz: &[u32],
+    counts: &[u32],
+    cum: &[f64],
+    inv: &[f64],
+    mut acc: usize,
+    lut: &mut [f32],
+) {
+    let bmax = counts.len().min(lut.len()) - 1;
+    let (hmax, cmax) = (cum.len() - 1, inv.len() - 1);
+    acc = acc.min(hmax);
+    let mut prev = cum[acc];
+    for b in nz {
+        let b = (*b as usize).min(bmax);
+        let c = (counts[b] as usize).min(cmax);
+        acc = (acc + c).min(hmax);
+        let next = cum[acc];
+        lut[b] = ((next - prev) * inv[c]) as f32;
+        prev = next;
+    }
+}
+
+/// Replaces `out` with the indices `i >= from` where `c[i] != 0`, ascending.
+pub fn nonzero_indices(c: &[u32], from: usize, out: &mut Vec<u32>) {
+    out.clear();
+    let from = from.min(c.len());
+    // room for a whole vector past the last index written
+    out.resize(c.len() - from + 16, 0);
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::V4 && c.len() <= i32::MAX as usize {
+        // SAFETY: `level` checked that the CPU has AVX-512F and POPCNT.
+        let n = unsafe { nonzero_indices_v4(c, from, out) };
+        out.truncate(n);
+        return;
+    }
+    let n = nonzero_indices_generic(c, from, 0, out);
+    out.truncate(n);
+}
+
+/// Writes the indices from `from` with a non-zero count to `out[n..]`;
+/// returns the new `n`. Branch-free: every index is written, `n` moves on
+/// past the non-zero ones.
+fn nonzero_indices_generic(c: &[u32], from: usize, mut n: usize, out: &mut [u32]) -> usize {
+    for (i, x) in c.iter().enumerate().skip(from) {
+        out[n] = i as u32;
+        n += (*x != 0) as usize;
+    }
+    n
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,popcnt")]
+fn nonzero_indices_v4(c: &[u32], from: usize, out: &mut [u32]) -> usize {
+    use std::arch::x86_64::*;
+    let len = c.len() - from;
+    let whole = len / 16 * 16;
+    let mut iv = _mm512_add_epi32(
+        _mm512_set1_epi32(from as i32),
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+    );
+    let sixteen = _mm512_set1_epi32(16);
+    let mut n = 0usize;
+    for ch in c[from..from + whole].chunks_exact(16) {
+        // SAFETY: `ch` holds 16 counts; `out` has `len + 16` slots and
+        // `n` ≤ the number of indices seen so far, so 16 lanes fit.
+        unsafe {
+            let v = _mm512_loadu_si512(ch.as_ptr().cast());
+            let nz = _mm512_test_epi32_mask(v, v);
+            _mm512_mask_compressstoreu_epi32(out.as_mut_ptr().add(n).cast(), nz, iv);
+            n += nz.count_ones() as usize;
+        }
+        iv = _mm512_add_epi32(iv, sixteen);
+    }
+    nonzero_indices_generic(c, from + whole, n, out)
+}
+
 multiversion! {
     /// Adds the low 16 bits of the keys whose high half is `hi` to `h`.
     pub fn hist_lo(d: &[f32], flip: u32, hi: u32, h: &mut [u32]) {
@@ -347,6 +491,96 @@ multiversion! {
             m = m.wrapping_add(crate::rng::Stream::STEP);
         }
     }
+}
+
+/// DELLA's flags of one rank row from a probability per bin:
+/// `f[j] = s.bernoulli(e0 + j, lut[bins[j]])` (a bin past the end of `lut`
+/// reads its last entry; `lut` must not be empty).
+pub fn della_flags_lut(f: &mut [u8], bins: &[u32], lut: &[f32], s: crate::rng::Stream, e0: u64) {
+    assert!(!lut.is_empty(), "probabilities of no bins");
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::V4 && lut.len() <= i32::MAX as usize {
+        // SAFETY: `level` checked that the CPU has AVX-512F/BW/DQ/VL.
+        return unsafe { della_flags_lut_v4(f, bins, lut, s, e0) };
+    }
+    della_flags_lut_generic(f, bins, lut, s, e0)
+}
+
+fn della_flags_lut_generic(
+    f: &mut [u8],
+    bins: &[u32],
+    lut: &[f32],
+    s: crate::rng::Stream,
+    e0: u64,
+) {
+    let last = lut.len() - 1;
+    let mut m = e0.wrapping_mul(crate::rng::Stream::STEP);
+    for (x, b) in f.iter_mut().zip(bins) {
+        *x = (s.uniform_at(m) < lut[(*b as usize).min(last)]) as u8;
+        m = m.wrapping_add(crate::rng::Stream::STEP);
+    }
+}
+
+/// [`della_flags_lut`] with AVX-512: 16 draws (two vectors of SplitMix64
+/// on 64-bit lanes, the same bits as [`crate::rng::Stream::uniform_at`])
+/// against 16 gathered probabilities.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+fn della_flags_lut_v4(f: &mut [u8], bins: &[u32], lut: &[f32], s: crate::rng::Stream, e0: u64) {
+    use crate::rng::Stream;
+    use std::arch::x86_64::*;
+    let n = f.len().min(bins.len());
+    let whole = n / 16 * 16;
+    let key = _mm512_set1_epi64(s.key() as i64);
+    let c1 = _mm512_set1_epi64(0xbf58_476d_1ce4_e5b9u64 as i64);
+    let c2 = _mm512_set1_epi64(0x94d0_49bb_1331_11ebu64 as i64);
+    let scale = _mm256_set1_ps(1.0 / 16_777_216.0);
+    let last = _mm512_set1_epi32((lut.len() - 1) as i32);
+    let one = _mm_set1_epi8(1);
+    let m0 = e0.wrapping_mul(Stream::STEP);
+    let lane = |k: u64| m0.wrapping_add(k.wrapping_mul(Stream::STEP)) as i64;
+    let mut ma = _mm512_setr_epi64(
+        lane(0),
+        lane(1),
+        lane(2),
+        lane(3),
+        lane(4),
+        lane(5),
+        lane(6),
+        lane(7),
+    );
+    let mut mb = _mm512_add_epi64(ma, _mm512_set1_epi64(Stream::STEP.wrapping_mul(8) as i64));
+    let step16 = _mm512_set1_epi64(Stream::STEP.wrapping_mul(16) as i64);
+    let draw = |m: __m512i| -> __m256 {
+        let mut z = _mm512_xor_si512(key, m);
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<30>(z)), c1);
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<27>(z)), c2);
+        // (z ^ z >> 31) >> 40 = z >> 40: the xor only touches bits below 33
+        _mm256_mul_ps(_mm512_cvtepu64_ps(_mm512_srli_epi64::<40>(z)), scale)
+    };
+    for (x, b) in f[..whole]
+        .chunks_exact_mut(16)
+        .zip(bins[..whole].chunks_exact(16))
+    {
+        let u = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(draw(ma)), draw(mb));
+        // SAFETY: `b` and `x` hold 16 lanes each; the indices are clamped
+        // to `lut.len() - 1`, so the gather reads inside `lut`.
+        unsafe {
+            let k = _mm512_min_epu32(_mm512_loadu_si512(b.as_ptr().cast()), last);
+            let p = _mm512_i32gather_ps::<4>(k, lut.as_ptr());
+            let keep = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(u, p);
+            _mm_storeu_si128(x.as_mut_ptr().cast(), _mm_maskz_mov_epi8(keep, one));
+        }
+        ma = _mm512_add_epi64(ma, step16);
+        mb = _mm512_add_epi64(mb, step16);
+    }
+    della_flags_lut_generic(
+        &mut f[whole..n],
+        &bins[whole..n],
+        lut,
+        s,
+        e0.wrapping_add(whole as u64),
+    );
 }
 
 /// Flags (0 / non-zero) into bits, 64 per word, LSB first.

@@ -11,7 +11,7 @@
 use super::generalized_task_arithmetic::{
     CombineScratch, GeneralizedTaskArithmetic, Sparsify, combine_chunk,
 };
-use super::sparsify::abs_key;
+use super::sparsify::{self, abs_key};
 use super::stream::*;
 use super::*;
 use crate::rng::Stream;
@@ -85,8 +85,8 @@ struct Sel {
 struct DellaGeom {
     len: usize,
     inner: usize,
-    /// Keep probability by rank, per model.
-    tables: Vec<Vec<f32>>,
+    /// Keep probabilities by rank, per model.
+    probs: Vec<sparsify::RankProbs>,
 }
 
 impl GeneralizedTaskArithmetic {
@@ -241,33 +241,23 @@ impl GeneralizedTaskArithmetic {
                 epsilon,
             });
         }
-        // DELLA's rank → probability tables
+        // DELLA's summed rank → probability tables
         let della = {
             let (len, inner) = if job.shape.len() < 2 {
                 (n, 1)
             } else {
                 (job.shape[1], job.shape[2..].iter().product::<usize>())
             };
-            let tables: Vec<Vec<f32>> = models
+            let probs: Vec<sparsify::RankProbs> = models
                 .iter()
                 .map(|m| {
                     if !matches!(m.sp, Sp::Della) {
-                        return Vec::new();
+                        return Default::default();
                     }
-                    let wdt = m.mdt;
-                    let lo = (m.density - m.epsilon) as f32;
-                    let span = (2.0 * m.epsilon) as f32;
-                    let denom = wdt.round((len as f32 - 1.0).max(0.0));
-                    (0..len)
-                        .map(|rank0| {
-                            let rank = wdt.round(wdt.round(rank0 as f32) + 1.0);
-                            let nr = wdt.round(wdt.round(rank - 1.0) / denom).clamp(0.0, 1.0);
-                            wdt.round(wdt.round(nr * span) + lo)
-                        })
-                        .collect()
+                    sparsify::RankProbs::new(len, m.density, m.epsilon, m.mdt)
                 })
                 .collect();
-            DellaGeom { len, inner, tables }
+            DellaGeom { len, inner, probs }
         };
 
         let delta = |s: &mut Scratch, m: usize, out: usize, e0: usize, e1: usize| -> Result<()> {
@@ -435,7 +425,7 @@ impl GeneralizedTaskArithmetic {
                     della_block(
                         d,
                         &della,
-                        &della.tables[m],
+                        &della.probs[m],
                         model.stream,
                         e0,
                         &mut flags,
@@ -904,15 +894,16 @@ impl LocalHist {
 }
 
 crate::simd::multiversion! {
-/// DELLA keep flags of one block (whole rank chunks): rank |Δ| along axis 1
-/// (ties: lower index first), keep with the rank's probability. `s`
-/// provides the buffers. Compiled for wide vectors with everything it
-/// calls inlined (the ranking is most of DELLA's time).
+/// DELLA keep flags of one block (whole rank chunks): per row along axis 1,
+/// each |Δ| gets the mean keep probability of the ranks its magnitude
+/// occupies ([`sparsify::tie_mean`]; a magnitude that occurs once gets its
+/// rank's), then a draw. `s` provides the buffers. Compiled for wide
+/// vectors with everything it calls inlined.
 #[allow(clippy::too_many_arguments)]
 fn della_block(
     d: &[f32],
     g: &DellaGeom,
-    table: &[f32],
+    rp: &sparsify::RankProbs,
     stream: Stream,
     e0: usize,
     flags: &mut [u8],
@@ -920,6 +911,7 @@ fn della_block(
 ) {
     let (len, inner) = (g.len, g.inner);
     let chunk = len * inner;
+    let mut probs = std::mem::take(&mut s.probs);
     for (o, dc) in d.chunks(chunk).enumerate() {
         let base = o * chunk;
         for c in 0..inner {
@@ -931,100 +923,60 @@ fn della_block(
                     .extend((0..len).map(|j| abs_key(dc[j * inner + c])));
             }
             if inner == 1 {
-                let mut probs = std::mem::take(&mut s.probs);
-                probs.clear();
-                probs.resize(len, 0.0);
-                probs_each(s, table, &mut probs);
-                crate::simd::della_flags(
-                    &mut flags[base..base + len],
-                    &probs,
-                    stream,
-                    (e0 + base) as u64,
-                );
-                s.probs = probs;
+                let f = &mut flags[base..base + s.keys32.len()];
+                if row_lut(s, rp) {
+                    crate::simd::della_flags_lut(f, &s.bins, &s.lut, stream, (e0 + base) as u64);
+                    // bin 1's elements: their own probabilities
+                    bin1_probs(s, rp, |j, q| {
+                        f[j] = stream.bernoulli((e0 + base + j) as u64, q) as u8;
+                    });
+                }
             } else {
-                rank_each(s, |j, r| {
+                // every probability is written
+                probs.truncate(s.keys32.len());
+                probs.resize(s.keys32.len(), 0.0);
+                row_probs(s, rp, &mut probs);
+                for (j, p) in probs.iter().enumerate() {
                     let i = base + j * inner + c;
-                    flags[i] = stream.bernoulli((e0 + i) as u64, table[r as usize]) as u8;
-                });
+                    flags[i] = stream.bernoulli((e0 + i) as u64, *p) as u8;
+                }
             }
         }
     }
+    s.probs = probs;
 }
 }
 
-/// `s.ranks[j]`: the rank of `s.keys32[j]` (see [`rank_each`]).
-#[cfg(test)]
-fn ranks_of(s: &mut RankBufs) {
-    let mut ranks = vec![0; s.keys32.len()];
-    rank_each(s, |j, r| ranks[j] = r);
-    s.ranks = ranks;
-}
-
-/// Calls `put(j, rank)` with the rank of `keys[j]` in ascending order, ties
-/// by index (a stable sort's destination), for every `j`.
+/// `probs[j]`: the keep probability of `s.keys32[j]` in its row, the mean
+/// of the probabilities of the ranks its key occupies (ascending).
+///
+/// A counting sort's bins: keys are shifted right by the low bits no key
+/// sets (16 for bfloat16); key values in the top `len` (a window) get bins
+/// 2..; keys equal to the smallest key (exact zeros of a task vector, a
+/// percent of a bfloat16 row) bin 0; other keys under the window (rare)
+/// bin 1 and go to `s.keys` as `(key << 32) | index`, sorted. One counting
+/// loop, then a probability per occupied bin, then a gather: no per-element
+/// rank (equal keys share one probability).
 #[inline(always)]
-fn rank_each(s: &mut RankBufs, mut put: impl FnMut(usize, u32)) {
-    start_ranks(s);
-    for (j, b) in s.bins.iter().enumerate() {
-        let c = &mut s.counts[*b as usize];
-        put(j, *c);
-        *c += 1;
-    }
-    for (r, k) in s.keys.iter().enumerate() {
-        put((*k & 0xFFFF_FFFF) as usize, s.sorted_from + r as u32);
+fn row_probs(s: &mut RankBufs, rp: &sparsify::RankProbs, probs: &mut [f32]) {
+    if row_lut(s, rp) {
+        crate::simd::gather_f32(&s.lut, &s.bins, probs);
+        bin1_probs(s, rp, |j, q| probs[j] = q);
     }
 }
 
-/// `probs[j] = table[rank of keys[j]]` (ranks as [`rank_each`]).
+/// The counting sort of [`row_probs`]: `s.bins`, `s.counts` (per bin),
+/// `s.keys` (bin 1, sorted) and `s.lut` (the probability of every occupied
+/// bin but 1); false for an empty row.
 #[inline(always)]
-fn probs_each(s: &mut RankBufs, table: &[f32], probs: &mut [f32]) {
-    start_ranks(s);
-    probs_by_count(&s.bins, &mut s.counts, table, probs);
-    // keys ranked by sorting, in key order
-    for (r, k) in s.keys.iter().enumerate() {
-        probs[(*k & 0xFFFF_FFFF) as usize] = table[s.sorted_from as usize + r];
-    }
-}
-
-/// The counting loops, kept out of line: scalar, and with registers of
-/// their own.
-#[inline(never)]
-fn count_bins(bins: &[u32], counts: &mut [u32]) {
-    for b in bins {
-        counts[*b as usize] += 1;
-    }
-}
-
-/// `probs[j] = table[counts[bins[j]]++]`.
-#[inline(never)]
-fn probs_by_count(bins: &[u32], counts: &mut [u32], table: &[f32], probs: &mut [f32]) {
-    for (b, p) in bins.iter().zip(probs.iter_mut()) {
-        let c = &mut counts[*b as usize];
-        *p = table[*c as usize];
-        *c += 1;
-    }
-}
-
-/// The counting sort's set-up for [`rank_each`] / [`probs_each`] over
-/// `s.keys32`. Keys are shifted right by the low bits no key sets (16 for
-/// bfloat16). Bins: key values in the top `len` (a window) get bins 2..;
-/// keys equal to the smallest key (exact zeros of a task vector, a percent
-/// of a bfloat16 row) bin 0; other keys under the window (rare) bin 1, and
-/// also go to `s.keys` as `(key << 32) | index`, sorted: their ranks start
-/// at `s.sorted_from`. Then `s.counts[b]` is the first rank of bin `b`.
-/// Branch-free bins and counts: a counting loop that tests the window per
-/// element runs about half as fast.
-#[inline(always)]
-fn start_ranks(s: &mut RankBufs) {
+fn row_lut(s: &mut RankBufs, rp: &sparsify::RankProbs) -> bool {
     let keys = &s.keys32;
     let len = keys.len();
     s.bins.clear();
     s.keys.clear();
     s.counts.clear();
-    s.sorted_from = 0;
     if len == 0 {
-        return;
+        return false;
     }
     let (mut lo, mut hi, mut or) = (u32::MAX, 0u32, 0u32);
     for k in keys {
@@ -1067,15 +1019,45 @@ fn start_ranks(s: &mut RankBufs) {
             }
             s.keys.truncate(under);
         }
-        // index-unique, so a full order
         s.keys.sort_unstable();
-        s.sorted_from = s.counts[0];
     }
-    let mut acc = 0u32;
-    for c in s.counts.iter_mut() {
-        let v = *c;
-        *c = acc;
-        acc += v;
+    // a probability per occupied bin, ranks ascending: bin 0, bin 1's keys
+    // (see `bin1_probs`), the window's bins; only occupied bins are read,
+    // so `lut` is not cleared
+    if s.lut.len() < s.counts.len() {
+        s.lut.resize(s.counts.len(), 0.0);
+    }
+    let c0 = s.counts[0] as usize;
+    if c0 != 0 {
+        s.lut[0] = rp.tie_mean(0, c0);
+    }
+    crate::simd::nonzero_indices(&s.counts, 2, &mut s.nz);
+    crate::simd::tie_means(&s.nz, &s.counts, &rp.cum, &rp.inv, c0 + under, &mut s.lut);
+    true
+}
+
+/// Calls `put(j, probability)` for the elements of bin 1 (see
+/// [`row_probs`]), in key order.
+#[inline(always)]
+fn bin1_probs(s: &RankBufs, rp: &sparsify::RankProbs, mut put: impl FnMut(usize, f32)) {
+    let c0 = s.counts[0] as usize;
+    let mut g = 0;
+    while g < s.keys.len() {
+        let k = s.keys[g] >> 32;
+        let e = g + s.keys[g..].iter().take_while(|x| *x >> 32 == k).count();
+        let q = rp.tie_mean(c0 + g, e - g);
+        for x in &s.keys[g..e] {
+            put((*x & 0xFFFF_FFFF) as usize, q);
+        }
+        g = e;
+    }
+}
+
+/// The counting loop, kept out of line: scalar, with registers of its own.
+#[inline(never)]
+fn count_bins(bins: &[u32], counts: &mut [u32]) {
+    for b in bins {
+        counts[*b as usize] += 1;
     }
 }
 
@@ -1252,10 +1234,14 @@ mod tests {
         }
     }
 
-    /// `ranks_of` is a stable ascending sort's destination, whatever the
-    /// spread of the keys (zeros, tiny values, NaN, all equal, wide f32).
+    /// `row_probs` gives every element the mean probability of the ranks
+    /// its magnitude occupies (counted directly here), whatever the spread
+    /// of the keys (zeros, tiny values, NaN, all equal, wide f32, keys
+    /// under the counting window); a magnitude that occurs once gets its
+    /// rank's probability exactly, and the row's probabilities add up to
+    /// the table's.
     #[test]
-    fn ranks_are_a_stable_sort() {
+    fn row_probabilities_are_tie_means_of_ranks() {
         let s = Stream::new(3, "ranks", "x");
         let cases: Vec<Vec<f32>> = vec![
             (0..2048)
@@ -1274,34 +1260,109 @@ mod tests {
                 .collect(),
             vec![0.25; 700],
             (0..3000).map(|i| (s.uniform(i) - 0.5) * 1e3).collect(),
+            // many keys under the window (bin 1), with ties among them
+            (0..1000)
+                .map(|i| crate::dtype::bf16_round((s.uniform(i) - 0.5) * (1 << (i % 20)) as f32))
+                .collect(),
             vec![1.0],
         ];
         for d in cases {
-            let mut b = RankBufs::default();
-            b.keys32.extend(d.iter().map(|x| abs_key(*x)));
-            ranks_of(&mut b);
-            let mut order: Vec<usize> = (0..d.len()).collect();
-            order.sort_by_key(|&j| (abs_key(d[j]), j));
-            for (rank, j) in order.iter().enumerate() {
-                assert_eq!(b.ranks[*j] as usize, rank, "element {j} of {}", d.len());
-            }
-            // probabilities by rank, rounded to bfloat16 (steps) or not
             let len = d.len();
-            for round in [true, false] {
-                let table: Vec<f32> = (0..len)
-                    .map(|r| {
-                        let p = 0.4 + 0.2 * r as f32 / (len as f32 - 1.0).max(1.0);
-                        if round {
-                            crate::dtype::bf16_round(p)
-                        } else {
-                            p
-                        }
-                    })
-                    .collect();
+            let key = |j: usize| abs_key(d[j]);
+            for dt in [DType::BF16, DType::F32] {
+                let rp = sparsify::RankProbs::new(len, 0.5, 0.1, dt);
+                let cum = &rp.cum;
+                let mut b = RankBufs::default();
+                b.keys32.extend(d.iter().map(|x| abs_key(*x)));
                 let mut probs = vec![f32::NAN; len];
-                probs_each(&mut b, &table, &mut probs);
-                for j in 0..len {
-                    assert_eq!(probs[j], table[b.ranks[j] as usize], "element {j} of {len}");
+                row_probs(&mut b, &rp, &mut probs);
+                let mut sum = 0f64;
+                for (j, p) in probs.iter().enumerate() {
+                    let below = (0..len).filter(|&i| key(i) < key(j)).count();
+                    let equal = (0..len).filter(|&i| key(i) == key(j)).count();
+                    let want = rp.tie_mean(below, equal);
+                    // bits: a row of one has a NaN probability (0 / 0)
+                    assert_eq!(p.to_bits(), want.to_bits(), "element {j} of {len}");
+                    if equal == 1 {
+                        assert_eq!(
+                            (*p as f64).to_bits(),
+                            (cum[below + 1] - cum[below]).to_bits()
+                        );
+                    }
+                    sum += *p as f64;
+                }
+                if len > 1 {
+                    assert!(
+                        (sum - cum[len]).abs() < 1e-4 * len as f64,
+                        "{sum} vs {}",
+                        cum[len]
+                    );
+                }
+            }
+        }
+    }
+
+    /// The SIMD helpers of the ranking equal plain loops.
+    #[test]
+    fn ranking_kernels_match_plain_loops() {
+        let s = Stream::new(5, "gather", "x");
+        for n in [0usize, 1, 15, 16, 17, 100, 1000] {
+            let lut: Vec<f32> = (0..n.max(1)).map(|i| i as f32 * 0.5).collect();
+            // some indices past the end (clamped)
+            let idx: Vec<u32> = (0..n + 7)
+                .map(|i| (s.uniform(i as u64) * (lut.len() + 3) as f32) as u32)
+                .collect();
+            let mut out = vec![f32::NAN; idx.len()];
+            crate::simd::gather_f32(&lut, &idx, &mut out);
+            for (o, i) in out.iter().zip(&idx) {
+                assert_eq!(*o, lut[(*i as usize).min(lut.len() - 1)]);
+            }
+            // probabilities across (0, 1), with 0, 1 and NaN
+            let probs: Vec<f32> = (0..lut.len())
+                .map(|i| match i % 11 {
+                    0 => 0.0,
+                    1 => 1.0,
+                    2 => f32::NAN,
+                    _ => s.uniform(500 + i as u64),
+                })
+                .collect();
+            for e0 in [0u64, 3, 1 << 40] {
+                let st = Stream::new(e0, "flags", "x");
+                let mut f = vec![7u8; idx.len()];
+                crate::simd::della_flags_lut(&mut f, &idx, &probs, st, e0);
+                for (j, (x, i)) in f.iter().zip(&idx).enumerate() {
+                    let p = probs[(*i as usize).min(probs.len() - 1)];
+                    assert_eq!(*x, st.bernoulli(e0 + j as u64, p) as u8, "flag {j} of {n}");
+                }
+            }
+            let c: Vec<u32> = (0..n)
+                .map(|i| {
+                    if s.uniform(1000 + i as u64) < 0.3 {
+                        i as u32 + 1
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            for from in [0, 2, 5, n] {
+                let mut nz = vec![99];
+                crate::simd::nonzero_indices(&c, from, &mut nz);
+                let want: Vec<u32> = (from..n).filter(|&i| c[i] != 0).map(|i| i as u32).collect();
+                assert_eq!(nz, want, "n {n} from {from}");
+                // the mean probability of each occupied bin's ranks
+                let total: usize = nz.iter().map(|b| c[*b as usize] as usize).sum();
+                let rp = sparsify::RankProbs::new(total + 3, 0.5, 0.2, DType::F32);
+                let mut lut = vec![-1f32; n.max(1)];
+                crate::simd::tie_means(&nz, &c, &rp.cum, &rp.inv, 3, &mut lut);
+                let mut acc = 3;
+                for i in 0..n {
+                    if nz.contains(&(i as u32)) {
+                        let k = c[i] as usize;
+                        assert_eq!(lut[i], rp.tie_mean(acc, k), "bin {i} of {n}");
+                        acc += k;
+                    } else {
+                        assert_eq!(lut[i], -1.0, "bin {i} of {n} is not occupied");
+                    }
                 }
             }
         }
@@ -1373,13 +1434,11 @@ mod probe {
                 .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
                 .collect();
             let n = vals.len() / len * len;
-            let table: Vec<f32> = (0..len)
-                .map(|r| crate::dtype::bf16_round(0.4 + 0.2 * r as f32 / (len - 1) as f32))
-                .collect();
+            let rp = sparsify::RankProbs::new(len, 0.5, 0.1, DType::BF16);
             let g = DellaGeom {
                 len,
                 inner: 1,
-                tables: vec![table.clone()],
+                probs: vec![rp.clone()],
             };
             let mut b = RankBufs::default();
             let mut flags = vec![0u8; n];
@@ -1387,7 +1446,7 @@ mod probe {
             let t = std::time::Instant::now();
             let reps = 20;
             for _ in 0..reps {
-                della_block(&vals[..n], &g, &table, st, 0, &mut flags, &mut b);
+                della_block(&vals[..n], &g, &rp, st, 0, &mut flags, &mut b);
             }
             let ns = t.elapsed().as_nanos() as f64 / (reps * n) as f64;
             println!("{file}: {ns:.2} ns/element");

@@ -222,9 +222,60 @@ pub fn magnitude_outliers(
     masked(delta, |i| mask[i], rescale, dt)
 }
 
+/// DELLA's keep probabilities by rank in a row of `len`, summed, with the
+/// reciprocals of the tie counts (see [`RankProbs::tie_mean`]).
+#[derive(Clone, Debug, Default)]
+pub struct RankProbs {
+    /// `cum[r]`: the f64 sum of the probabilities of ranks `0..r` (0-based,
+    /// ascending |Δ|), each computed as mergekit does in the work dtype
+    /// (`argsort(...).to(wdt) + 1`, then `(rank − 1) / (L − 1)`, rounded at
+    /// every step). Exact while `len < 2¹⁹` and `density − ε ≥ 2⁻¹⁰`
+    /// (every probability is a multiple of 2⁻³⁴).
+    pub cum: Vec<f64>,
+    /// `inv[c] = 1 / c` (f64; `inv[0]` unused).
+    pub inv: Vec<f64>,
+}
+
+impl RankProbs {
+    pub fn new(len: usize, density: f64, epsilon: f64, wdt: DType) -> RankProbs {
+        let lo = (density - epsilon) as f32;
+        let span = (2.0 * epsilon) as f32;
+        let denom = wdt.round((len as f32 - 1.0).max(0.0));
+        let mut cum = Vec::with_capacity(len + 1);
+        let mut acc = 0f64;
+        cum.push(acc);
+        for rank0 in 0..len {
+            let rank = wdt.round(wdt.round(rank0 as f32) + 1.0);
+            let nr = wdt.round(wdt.round(rank - 1.0) / denom).clamp(0.0, 1.0);
+            acc += wdt.round(wdt.round(nr * span) + lo) as f64;
+            cum.push(acc);
+        }
+        let inv = (0..=len).map(|c| 1.0 / c as f64).collect();
+        RankProbs { cum, inv }
+    }
+
+    /// The keep probability of each of `count` (≥ 1) equal magnitudes
+    /// whose ranks start at `lo`: the mean of those ranks' probabilities,
+    /// `(cum[lo + count] − cum[lo]) · (1 / count)` in f64, rounded to f32.
+    /// mergekit orders ties arbitrarily, so a tied element's probability is
+    /// one of these ranks' at random: the mean is its chance of being kept.
+    /// A magnitude that occurs once gets its rank's probability exactly.
+    #[inline(always)]
+    pub fn tie_mean(&self, lo: usize, count: usize) -> f32 {
+        tie_mean_in(&self.cum, &self.inv, lo, count)
+    }
+}
+
+/// [`RankProbs::tie_mean`] over its tables (for loops that hold them).
+#[inline(always)]
+pub fn tie_mean_in(cum: &[f64], inv: &[f64], lo: usize, count: usize) -> f32 {
+    ((cum[lo + count] - cum[lo]) * inv[count]) as f32
+}
+
 #[allow(clippy::too_many_arguments)]
 /// DELLA: per row (axis 1), keep probability rises linearly with the rank of
-/// |Δ| from `density − ε` to `density + ε`.
+/// |Δ| from `density − ε` to `density + ε`; equal magnitudes share the mean
+/// probability of their ranks ([`RankProbs::tie_mean`]).
 pub fn della_magprune(
     delta: &[f32],
     shape: &[usize],
@@ -257,24 +308,13 @@ pub fn della_magprune(
     } else {
         (shape[1], shape[2..].iter().product::<usize>())
     };
+    let rp = RankProbs::new(len, density, epsilon, wdt);
     let mut p = vec![0.0f32; delta.len()];
-    let lo = (density - epsilon) as f32;
-    let span = (2.0 * epsilon) as f32;
-    let denom = wdt.round((len as f32 - 1.0).max(0.0));
-    // keep probability by rank: mergekit computes argsort(...).to(work
-    // dtype) + 1, then (rank - 1) / (L - 1), in the work dtype
-    let p_of_rank: Vec<f32> = (0..len)
-        .map(|rank0| {
-            let rank = wdt.round(wdt.round(rank0 as f32) + 1.0);
-            let nr = wdt.round(wdt.round(rank - 1.0) / denom).clamp(0.0, 1.0);
-            wdt.round(wdt.round(nr * span) + lo)
-        })
-        .collect();
     p.par_chunks_mut(len * inner)
         .enumerate()
         .for_each(|(o, chunk)| {
             let base = o * len * inner;
-            // keys sort by (|Δ|, index): ties rank the lower index first
+            // keys sort by |Δ| (the index only makes the order total)
             let mut keys: Vec<u64> = Vec::with_capacity(len);
             for c in 0..inner {
                 keys.clear();
@@ -283,9 +323,16 @@ pub fn della_magprune(
                         .map(|j| ((abs_key(delta[base + j * inner + c]) as u64) << 32) | j as u64),
                 );
                 keys.sort_unstable();
-                for (rank0, k) in keys.iter().enumerate() {
-                    let j = (*k & 0xFFFF_FFFF) as usize;
-                    chunk[j * inner + c] = p_of_rank[rank0];
+                // equal magnitudes share their ranks' mean probability
+                let mut g = 0;
+                while g < keys.len() {
+                    let k = keys[g] >> 32;
+                    let e = g + keys[g..].iter().take_while(|x| *x >> 32 == k).count();
+                    let q = rp.tie_mean(g, e - g);
+                    for x in &keys[g..e] {
+                        chunk[(*x & 0xFFFF_FFFF) as usize * inner + c] = q;
+                    }
+                    g = e;
                 }
             }
         });
@@ -372,6 +419,38 @@ mod tests {
             let mut want = vec![false; n];
             for i in &idx[..k] { want[*i] = true; }
             proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    /// DELLA keeps each magnitude with the mean probability of the ranks it
+    /// occupies: rows of 41 values in equal numbers, so |x| = k/100 (k ≥ 1,
+    /// two values each) occupies ranks (2k − 1)/41 … (2k + 1)/41 of every
+    /// row and is kept at about `d − ε + 2ε·2k/41`.
+    #[test]
+    fn della_keeps_tied_magnitudes_at_their_ranks_mean() {
+        let (rows, len) = (64, 1050);
+        let d: Vec<f32> = (0..rows * len)
+            .map(|i| ((i * 7919 + i / len) % 41) as f32 * 0.01 - 0.2)
+            .map(crate::dtype::bf16_round)
+            .collect();
+        let s = Stream::new(9, "t", "della");
+        let (dens, eps) = (0.5, 0.2);
+        let out = della_magprune(&d, &[rows, len], dens, eps, false, DType::BF16, s, "t").unwrap();
+        let class = |x: f32| (x.abs() * 100.0).round() as usize;
+        let (mut kept, mut seen) = ([0usize; 21], [0usize; 21]);
+        for (x, o) in d.iter().zip(&out) {
+            if *x != 0.0 {
+                seen[class(*x)] += 1;
+                kept[class(*x)] += (*o != 0.0) as usize;
+            }
+        }
+        for k in 1..21 {
+            let want = dens - eps + 2.0 * eps * (2 * k) as f64 / 41.0;
+            let got = kept[k] as f64 / seen[k] as f64;
+            assert!(
+                (got - want).abs() < 0.03,
+                "magnitude class {k}: kept {got}, want {want}"
+            );
         }
     }
 

@@ -101,13 +101,14 @@ pub struct Scratch {
 #[derive(Default)]
 pub struct RankBufs {
     pub keys32: Vec<u32>,
-    pub ranks: Vec<u32>,
     pub counts: Vec<u32>,
     pub keys: Vec<u64>,
     pub probs: Vec<f32>,
     pub bins: Vec<u32>,
-    /// First rank of the keys in `keys` (see `start_ranks`).
-    pub sorted_from: u32,
+    /// A probability per counting-sort bin.
+    pub lut: Vec<f32>,
+    /// The occupied bins.
+    pub nz: Vec<u32>,
 }
 
 impl Scratch {
