@@ -351,21 +351,22 @@ fn tie_means_scalar(
     }
 }
 
-/// Replaces `out` with the indices `i >= from` where `c[i] != 0`, ascending.
-pub fn nonzero_indices(c: &[u32], from: usize, out: &mut Vec<u32>) {
-    out.clear();
+/// Writes the indices `i >= from` where `c[i] != 0`, ascending, to
+/// `out[..n]` and returns `n`. `out` only grows (its other entries are
+/// scratch).
+pub fn nonzero_indices(c: &[u32], from: usize, out: &mut Vec<u32>) -> usize {
     let from = from.min(c.len());
     // room for a whole vector past the last index written
-    out.resize(c.len() - from + 16, 0);
+    let need = c.len() - from + 16;
+    if out.len() < need {
+        out.resize(need, 0);
+    }
     #[cfg(target_arch = "x86_64")]
     if level() == Level::V4 && c.len() <= i32::MAX as usize {
         // SAFETY: `level` checked that the CPU has AVX-512F and POPCNT.
-        let n = unsafe { nonzero_indices_v4(c, from, out) };
-        out.truncate(n);
-        return;
+        return unsafe { nonzero_indices_v4(c, from, out) };
     }
-    let n = nonzero_indices_generic(c, from, 0, out);
-    out.truncate(n);
+    nonzero_indices_generic(c, from, 0, out)
 }
 
 /// Writes the indices from `from` with a non-zero count to `out[n..]`;

@@ -972,10 +972,10 @@ fn row_probs(s: &mut RankBufs, rp: &sparsify::RankProbs, probs: &mut [f32]) {
 fn row_lut(s: &mut RankBufs, rp: &sparsify::RankProbs) -> bool {
     let keys = &s.keys32;
     let len = keys.len();
-    s.bins.clear();
     s.keys.clear();
     s.counts.clear();
     if len == 0 {
+        s.bins.clear();
         return false;
     }
     let (mut lo, mut hi, mut or) = (u32::MAX, 0u32, 0u32);
@@ -988,6 +988,8 @@ fn row_lut(s: &mut RankBufs, rp: &sparsify::RankProbs) -> bool {
     let (min, hi) = (lo >> sh, hi >> sh);
     let window = len.max(256) as u32;
     let lo = min.max(hi.saturating_sub(window - 1));
+    // every bin is written: no need to clear
+    s.bins.truncate(len);
     s.bins.resize(len, 0);
     crate::simd::bins_of(keys, sh, lo, min, &mut s.bins);
     s.counts.resize((hi - lo) as usize + 3, 0);
@@ -1031,8 +1033,15 @@ fn row_lut(s: &mut RankBufs, rp: &sparsify::RankProbs) -> bool {
     if c0 != 0 {
         s.lut[0] = rp.tie_mean(0, c0);
     }
-    crate::simd::nonzero_indices(&s.counts, 2, &mut s.nz);
-    crate::simd::tie_means(&s.nz, &s.counts, &rp.cum, &rp.inv, c0 + under, &mut s.lut);
+    let nz = crate::simd::nonzero_indices(&s.counts, 2, &mut s.nz);
+    crate::simd::tie_means(
+        &s.nz[..nz],
+        &s.counts,
+        &rp.cum,
+        &rp.inv,
+        c0 + under,
+        &mut s.lut,
+    );
     true
 }
 
@@ -1346,7 +1355,8 @@ mod tests {
                 .collect();
             for from in [0, 2, 5, n] {
                 let mut nz = vec![99];
-                crate::simd::nonzero_indices(&c, from, &mut nz);
+                let k = crate::simd::nonzero_indices(&c, from, &mut nz);
+                nz.truncate(k);
                 let want: Vec<u32> = (from..n).filter(|&i| c[i] != 0).map(|i| i as u32).collect();
                 assert_eq!(nz, want, "n {n} from {from}");
                 // the mean probability of each occupied bin's ranks
