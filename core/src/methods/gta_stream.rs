@@ -1048,18 +1048,8 @@ fn row_lut(s: &mut RankBufs, rp: &sparsify::RankProbs) -> bool {
 /// Calls `put(j, probability)` for the elements of bin 1 (see
 /// [`row_probs`]), in key order.
 #[inline(always)]
-fn bin1_probs(s: &RankBufs, rp: &sparsify::RankProbs, mut put: impl FnMut(usize, f32)) {
-    let c0 = s.counts[0] as usize;
-    let mut g = 0;
-    while g < s.keys.len() {
-        let k = s.keys[g] >> 32;
-        let e = g + s.keys[g..].iter().take_while(|x| *x >> 32 == k).count();
-        let q = rp.tie_mean(c0 + g, e - g);
-        for x in &s.keys[g..e] {
-            put((*x & 0xFFFF_FFFF) as usize, q);
-        }
-        g = e;
-    }
+fn bin1_probs(s: &RankBufs, rp: &sparsify::RankProbs, put: impl FnMut(usize, f32)) {
+    rp.for_sorted(&s.keys, s.counts[0] as usize, put);
 }
 
 /// The counting loop, kept out of line: scalar, with registers of its own.

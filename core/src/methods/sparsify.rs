@@ -262,14 +262,25 @@ impl RankProbs {
     /// A magnitude that occurs once gets its rank's probability exactly.
     #[inline(always)]
     pub fn tie_mean(&self, lo: usize, count: usize) -> f32 {
-        tie_mean_in(&self.cum, &self.inv, lo, count)
+        ((self.cum[lo + count] - self.cum[lo]) * self.inv[count]) as f32
     }
-}
 
-/// [`RankProbs::tie_mean`] over its tables (for loops that hold them).
-#[inline(always)]
-pub fn tie_mean_in(cum: &[f64], inv: &[f64], lo: usize, count: usize) -> f32 {
-    ((cum[lo + count] - cum[lo]) * inv[count]) as f32
+    /// Calls `put(index, probability)` for every key of `keys` — sorted
+    /// `(|Δ| key << 32) | index` — whose ranks start at `from`: equal keys
+    /// share their ranks' [`RankProbs::tie_mean`].
+    #[inline(always)]
+    pub fn for_sorted(&self, keys: &[u64], from: usize, mut put: impl FnMut(usize, f32)) {
+        let mut g = 0;
+        while g < keys.len() {
+            let k = keys[g] >> 32;
+            let e = g + keys[g..].iter().take_while(|x| *x >> 32 == k).count();
+            let q = self.tie_mean(from + g, e - g);
+            for x in &keys[g..e] {
+                put((*x & 0xFFFF_FFFF) as usize, q);
+            }
+            g = e;
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -324,16 +335,7 @@ pub fn della_magprune(
                 );
                 keys.sort_unstable();
                 // equal magnitudes share their ranks' mean probability
-                let mut g = 0;
-                while g < keys.len() {
-                    let k = keys[g] >> 32;
-                    let e = g + keys[g..].iter().take_while(|x| *x >> 32 == k).count();
-                    let q = rp.tie_mean(g, e - g);
-                    for x in &keys[g..e] {
-                        chunk[(*x & 0xFFFF_FFFF) as usize * inner + c] = q;
-                    }
-                    g = e;
-                }
+                rp.for_sorted(&keys, 0, |j, q| chunk[j * inner + c] = q);
             }
         });
     let m = masked(delta, |i| stream.bernoulli(i as u64, p[i]), rescale, wdt);
