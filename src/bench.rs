@@ -3,8 +3,8 @@
 //! against mergekit on the same configurations).
 //!
 //! Per method it times `smelt merge CONFIG OUT --quiet --overwrite` as a
-//! child process (wall clock: start-up, check, merge, write, fsync) and reads
-//! the child's peak RSS from `wait4`'s rusage. The floor for a method is the
+//! child process (wall clock: start-up, check, merge, write, fsync) and takes
+//! the child's peak RSS from its own `VmHWM` (see [`run_child`]). The floor for a method is the
 //! time two parallel reader threads need to `pread` every input byte the
 //! merge reads (page cache warm), plus the time to write and fsync a file of
 //! the output's size next to the outputs.
@@ -552,7 +552,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{line}");
     }
     println!(
-        "wall: `smelt merge CONFIG OUT --quiet --overwrite` end to end (start-up, check, merge, write, fsync); ×floor = wall / floor; peak RSS = wait4 ru_maxrss; input GB/s = input bytes read by the merge / wall; GB = 1e9 bytes, MB = 1e6 bytes{}",
+        "wall: `smelt merge CONFIG OUT --quiet --overwrite` end to end (start-up, check, merge, write, fsync); ×floor = wall / floor; peak RSS = the merge process's VmHWM; input GB/s = input bytes read by the merge / wall; GB = 1e9 bytes, MB = 1e6 bytes{}",
         if mergekit.is_some() {
             "; mk/smelt = mergekit wall / smelt wall"
         } else {
@@ -751,14 +751,49 @@ fn write_floor(dir: &Path, bytes: u64) -> anyhow::Result<f64> {
     Ok(secs)
 }
 
-/// Spawns `cmd`, waits for it with `wait4` and returns wall time, peak RSS
-/// and its output.
+/// The environment variable under which a `smelt` child writes its own
+/// `VmHWM` (kB) to the named file as it exits (see `main`).
+pub(crate) const PEAK_RSS_ENV: &str = "SMELT_PEAK_RSS_FILE";
+
+/// `VmHWM` of process `pid` in kB (`self` for this one), if readable.
+pub(crate) fn vm_hwm_kb(pid: &str) -> Option<i64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Spawns `cmd`, waits for it and returns wall time, peak RSS and its
+/// output. Peak RSS is the child's own `VmHWM` (its address space after
+/// `exec`, mapped file pages included): a `smelt` child writes it to the
+/// file named by [`PEAK_RSS_ENV`] as it exits; for other programs
+/// (mergekit) a thread samples `/proc/PID/status` every 2 ms until the
+/// child exits. `wait4`'s `ru_maxrss` is not used: Linux carries the
+/// parent's high-water mark over into a child across `fork`/`exec`, so it
+/// reports the bench's own footprint for a small merge.
 pub(crate) fn run_child(cmd: &mut Command) -> anyhow::Result<ChildRun> {
+    let report = tempfile::NamedTempFile::new().context("peak RSS report file")?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .env(PEAK_RSS_ENV, report.path());
     let t = Instant::now();
     let mut child = cmd.spawn()?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        let pid = child.id().to_string();
+        std::thread::spawn(move || {
+            let mut peak = 0i64;
+            while !done.load(Ordering::Relaxed) {
+                if let Some(kb) = vm_hwm_kb(&pid) {
+                    peak = peak.max(kb);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak
+        })
+    };
     let drain = |r: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
             let mut v = Vec::new();
@@ -784,6 +819,29 @@ pub(crate) fn run_child(cmd: &mut Command) -> anyhow::Result<ChildRun> {
     let mut status: libc::c_int = 0;
     // SAFETY: rusage is plain data; zeroed is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // wait for the exit without reaping, so that the sampler cannot read a
+    // reused pid's status
+    loop {
+        // SAFETY: siginfo_t is plain data; `pid` is our own child.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(anyhow::Error::new(e).context("waitid"));
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    let sampled = sampler.join().unwrap_or(0);
     loop {
         // SAFETY: `pid` is our own unreaped child; the out-pointers are valid.
         let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
@@ -811,7 +869,10 @@ pub(crate) fn run_child(cmd: &mut Command) -> anyhow::Result<ChildRun> {
     };
     Ok(ChildRun {
         wall,
-        maxrss_kb: ru.ru_maxrss,
+        maxrss_kb: std::fs::read_to_string(report.path())
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(sampled),
         ok,
         status,
         stderr,

@@ -379,6 +379,12 @@ fn main() -> ExitCode {
         Command::Cancel(a) => cluster_cmd::run_cancel(a),
         Command::Eval(a) => eval_cmd::run(a),
     };
+    // `smelt bench` asks its children for their peak RSS (see bench::run_child)
+    if let Some(path) = std::env::var_os(bench::PEAK_RSS_ENV)
+        && let Some(kb) = bench::vm_hwm_kb("self")
+    {
+        let _ = std::fs::write(path, kb.to_string());
+    }
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -861,4 +861,34 @@ fn bench_runs_end_to_end_with_repeats() {
     // Each method ran twice.
     let runs = stderr(&o).matches("running smelt merge (ties)").count();
     assert_eq!(runs, 2, "{}", stderr(&o));
+    // the peak RSS column is the child's own: a few MB for a tiny merge
+    let linear = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("linear"))
+        .unwrap();
+    let rss: f64 = linear.split_whitespace().nth(5).unwrap().parse().unwrap();
+    assert!(rss > 0.5 && rss < 200.0, "peak RSS {rss} MB:\n{out}");
+}
+
+/// A `smelt` process asked for its peak RSS (as `smelt bench` asks its
+/// children) writes its `VmHWM` in kB to the named file as it exits.
+#[test]
+fn smelt_reports_its_peak_rss_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("rss");
+    let o = smelt()
+        .current_dir(repo())
+        .args(["merge", "examples/ties.yml"])
+        .arg(tmp.path().join("out"))
+        .arg("--quiet")
+        .env("SMELT_PEAK_RSS_FILE", &report)
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    let kb: u64 = std::fs::read_to_string(&report)
+        .expect("report written")
+        .trim()
+        .parse()
+        .expect("a number of kB");
+    assert!(kb > 100 && kb < 1_000_000, "VmHWM {kb} kB");
 }
