@@ -324,6 +324,7 @@ fn run_streamed(
     };
     let out_dt = task.out_dtype;
     let written = std::sync::atomic::AtomicU64::new(0);
+    let sink = Coalescer::new(&task.name, writer, task.shard, task.slot, task.out_bytes());
     let emit = |e0: usize, vals: &[f32]| -> Result<()> {
         WRITE_BUF.with(|b| {
             let mut b = b.borrow_mut();
@@ -337,7 +338,7 @@ fn run_streamed(
                 out_dt.encode(&v, &mut b);
             }
             written.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            writer.write_part(task.shard, task.slot, (e0 * out_dt.size()) as u64, &b)
+            sink.put((e0 * out_dt.size()) as u64, &b)
         })
     };
     let job = methods::stream::StreamJob {
@@ -352,7 +353,164 @@ fn run_streamed(
         block: STREAM_BLOCK,
     };
     method.merge_streamed(job, &src, &emit)?;
+    sink.finish()?;
     Ok(written.into_inner())
+}
+
+/// Output bytes of a window are written together (one `write_part`).
+const COALESCE_WINDOW: u64 = 1 << 20;
+/// Windows buffered at once, at most (a few per thread's front).
+const COALESCE_OPEN: usize = 8;
+
+/// Gathers a streamed tensor's output blocks (tens of KB each, finished by
+/// several threads in any order) into aligned [`COALESCE_WINDOW`]-byte
+/// windows and writes each window once it is complete: a few large writes
+/// instead of many small ones (each write costs the file system a lock and
+/// per-call block allocation). Every byte is put exactly once, so a window
+/// is complete when its count of bytes reaches its size. When more than
+/// [`COALESCE_OPEN`] windows hold buffers, the lowest one writes what it has
+/// and passes its later bytes straight through.
+struct Coalescer<'a> {
+    name: &'a str,
+    writer: &'a dyn TensorSink,
+    shard: usize,
+    slot: usize,
+    total: u64,
+    open: std::sync::Mutex<std::collections::BTreeMap<u64, Window>>,
+}
+
+#[derive(Default)]
+struct Window {
+    /// Bytes put so far (buffered or passed through).
+    filled: u64,
+    /// `None` once evicted: later bytes are written directly.
+    buf: Option<Vec<u8>>,
+    /// Buffered pieces: (offset in the window, length).
+    pieces: Vec<(u64, u64)>,
+}
+
+impl<'a> Coalescer<'a> {
+    fn new(
+        name: &'a str,
+        writer: &'a dyn TensorSink,
+        shard: usize,
+        slot: usize,
+        total: u64,
+    ) -> Self {
+        Coalescer {
+            name,
+            writer,
+            shard,
+            slot,
+            total,
+            open: Default::default(),
+        }
+    }
+
+    fn size_of(&self, k: u64) -> u64 {
+        COALESCE_WINDOW.min(self.total - k * COALESCE_WINDOW)
+    }
+
+    /// Writes the buffered pieces of window `k`, merged into runs.
+    fn write_runs(&self, k: u64, w: &mut Window) -> Result<()> {
+        let Some(buf) = w.buf.as_ref() else {
+            return Ok(());
+        };
+        w.pieces.sort_unstable();
+        let mut i = 0;
+        while i < w.pieces.len() {
+            let (a, mut b) = (w.pieces[i].0, w.pieces[i].0 + w.pieces[i].1);
+            i += 1;
+            while i < w.pieces.len() && w.pieces[i].0 == b {
+                b += w.pieces[i].1;
+                i += 1;
+            }
+            self.writer.write_part(
+                self.shard,
+                self.slot,
+                k * COALESCE_WINDOW + a,
+                &buf[a as usize..b as usize],
+            )?;
+        }
+        w.pieces.clear();
+        Ok(())
+    }
+
+    /// Puts `bytes` at `offset` in the tensor's output.
+    fn put(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        if offset + bytes.len() as u64 > self.total {
+            return Err(Error::tensor(
+                self.name,
+                "internal: streamed output past the end of the tensor",
+            ));
+        }
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let off = offset + at as u64;
+            let k = off / COALESCE_WINDOW;
+            let in_w = off - k * COALESCE_WINDOW;
+            let n = ((COALESCE_WINDOW - in_w) as usize).min(bytes.len() - at);
+            let piece = &bytes[at..at + n];
+            at += n;
+            let size = self.size_of(k);
+            // a whole window in one piece: no copy
+            if in_w == 0 && n as u64 == size {
+                self.writer.write_part(self.shard, self.slot, off, piece)?;
+                continue;
+            }
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let buffered = open.values().filter(|w| w.buf.is_some()).count();
+            if !open.contains_key(&k) && buffered >= COALESCE_OPEN {
+                // evict the lowest buffered window
+                let low = open
+                    .iter()
+                    .find(|(_, w)| w.buf.is_some())
+                    .map(|(kk, _)| *kk)
+                    .expect("a buffered window");
+                let mut w = open.remove(&low).expect("window");
+                self.write_runs(low, &mut w)?;
+                w.buf = None;
+                open.insert(low, w);
+            }
+            let w = open.entry(k).or_insert_with(|| Window {
+                buf: Some(vec![0u8; size as usize]),
+                ..Default::default()
+            });
+            w.filled += n as u64;
+            match w.buf.as_mut() {
+                Some(buf) => {
+                    buf[in_w as usize..in_w as usize + n].copy_from_slice(piece);
+                    w.pieces.push((in_w, n as u64));
+                }
+                None => {
+                    self.writer.write_part(self.shard, self.slot, off, piece)?;
+                }
+            }
+            if w.filled >= size {
+                let mut w = open.remove(&k).expect("window");
+                drop(open);
+                self.write_runs(k, &mut w)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After every byte was put: writes anything still buffered (nothing,
+    /// unless a method emitted fewer bytes than its tensor has).
+    fn finish(&self) -> Result<()> {
+        let open = std::mem::take(&mut *self.open.lock().unwrap_or_else(|p| p.into_inner()));
+        let incomplete = !open.is_empty();
+        for (k, mut w) in open {
+            self.write_runs(k, &mut w)?;
+        }
+        if incomplete {
+            return Err(Error::tensor(
+                self.name,
+                "internal: the streamed output has gaps",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Progress callback: (tensors done, tensors total, bytes written).
@@ -478,4 +636,107 @@ pub fn run_tasks(
         tensor_done(b);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records every `write_part` into one buffer.
+    struct Record {
+        bytes: Mutex<(Vec<u8>, Vec<bool>, usize)>,
+    }
+
+    impl TensorSink for Record {
+        fn write(&self, _: usize, _: usize, _: &[u8]) -> Result<()> {
+            unreachable!("streamed output is written in parts")
+        }
+        fn write_part(&self, _: usize, _: usize, off: u64, b: &[u8]) -> Result<()> {
+            let mut g = self.bytes.lock().unwrap();
+            g.2 += 1;
+            for (i, x) in b.iter().enumerate() {
+                let at = off as usize + i;
+                assert!(!g.1[at], "byte {at} written twice");
+                g.1[at] = true;
+                g.0[at] = *x;
+            }
+            Ok(())
+        }
+    }
+
+    /// Blocks put in any order, from several threads, of sizes that do and
+    /// do not divide the window, land at their offsets, each byte once, in
+    /// few writes; more fronts than buffered windows still give every byte.
+    #[test]
+    fn coalescer_writes_every_byte_once_in_few_writes() {
+        let rng = crate::rng::Stream::new(3, "coalesce", "t");
+        for (total, block, fronts) in [
+            (5 * COALESCE_WINDOW + 12_345, 65_536usize, 2usize),
+            (3 * COALESCE_WINDOW, 3 * COALESCE_WINDOW as usize, 1),
+            (40 * COALESCE_WINDOW + 7, 100_003, 2),
+            (40 * COALESCE_WINDOW + 7, 100_003, 24),
+        ] {
+            let want: Vec<u8> = (0..total).map(|i| (rng.bits(i) >> 7) as u8).collect();
+            let rec = Record {
+                bytes: Mutex::new((vec![0; total as usize], vec![false; total as usize], 0)),
+            };
+            let c = Coalescer::new("t", &rec, 0, 0, total);
+            // `fronts` interleaved ascending sequences of blocks, as
+            // threads working on their own ranges produce them
+            let nb = (total as usize).div_ceil(block);
+            let per = nb.div_ceil(fronts);
+            let mut order = Vec::new();
+            for step in 0..per {
+                for f in 0..fronts {
+                    let b = f * per + step;
+                    if b < nb {
+                        order.push(b);
+                    }
+                }
+            }
+            assert_eq!(order.len(), nb);
+            std::thread::scope(|s| {
+                for part in order.chunks(order.len().div_ceil(2)) {
+                    let (c, want) = (&c, &want);
+                    s.spawn(move || {
+                        for &b in part {
+                            let a = b * block;
+                            let e = (a + block).min(total as usize);
+                            c.put(a as u64, &want[a..e]).unwrap();
+                        }
+                    });
+                }
+            });
+            c.finish().unwrap();
+            let g = rec.bytes.lock().unwrap();
+            assert!(g.1.iter().all(|x| *x), "every byte written");
+            assert!(g.0 == want, "bytes at their offsets");
+            if fronts <= 2 {
+                // about one write per window (plus split runs at fronts)
+                let windows = total.div_ceil(COALESCE_WINDOW) as usize;
+                assert!(
+                    g.2 <= windows + 4 * fronts,
+                    "{} writes for {windows} windows",
+                    g.2
+                );
+            }
+        }
+    }
+
+    /// A tensor whose bytes were not all put is an error, not a silent gap.
+    #[test]
+    fn coalescer_reports_gaps_and_overruns() {
+        let rec = Record {
+            bytes: Mutex::new((vec![0; 100], vec![false; 100], 0)),
+        };
+        let c = Coalescer::new("model.x", &rec, 0, 0, 100);
+        c.put(0, &[1; 50]).unwrap();
+        let e = c.put(60, &[1; 50]).unwrap_err().to_string();
+        assert!(e.contains("model.x") && e.contains("past the end"), "{e}");
+        let e = c.finish().unwrap_err().to_string();
+        assert!(e.contains("model.x") && e.contains("gaps"), "{e}");
+        // what was put is still written
+        assert!(rec.bytes.lock().unwrap().1[..50].iter().all(|x| *x));
+    }
 }

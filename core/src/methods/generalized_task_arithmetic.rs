@@ -477,25 +477,48 @@ fn fused<const N: usize, R: crate::dtype::Rounding>(
     k: Knobs,
     o: &mut [f32],
 ) {
+    // every choice its own loop (constants, not a select per element: LLVM
+    // would compute both sides, a division included)
+    match (k.sum, k.normalize, k.lam.is_some()) {
+        (false, false, false) => {
+            fused_loop::<N, false, false, false, R>(r, base, ms, weights, k, o)
+        }
+        (false, false, true) => fused_loop::<N, false, false, true, R>(r, base, ms, weights, k, o),
+        (false, true, false) => fused_loop::<N, false, true, false, R>(r, base, ms, weights, k, o),
+        (false, true, true) => fused_loop::<N, false, true, true, R>(r, base, ms, weights, k, o),
+        (true, false, false) => fused_loop::<N, true, false, false, R>(r, base, ms, weights, k, o),
+        (true, false, true) => fused_loop::<N, true, false, true, R>(r, base, ms, weights, k, o),
+        (true, true, false) => fused_loop::<N, true, true, false, R>(r, base, ms, weights, k, o),
+        (true, true, true) => fused_loop::<N, true, true, true, R>(r, base, ms, weights, k, o),
+    }
+}
+
+/// [`fused`]'s loop for one combination of consensus (`SUM`),
+/// normalisation (`NZ`) and lambda (`LAM`).
+#[inline(always)]
+fn fused_loop<
+    const N: usize,
+    const SUM: bool,
+    const NZ: bool,
+    const LAM: bool,
+    R: crate::dtype::Rounding,
+>(
+    r: R,
+    base: &[f32],
+    ms: &[&[f32]],
+    weights: &[f32],
+    k: Knobs,
+    o: &mut [f32],
+) {
     let len = o.len();
     let base = &base[..len];
     let ms: [&[f32]; N] = std::array::from_fn(|m| &ms[m][..len]);
     let w: [f32; N] = std::array::from_fn(|m| weights[m]);
-    // each choice its own loop, so that every loop vectorises
-    macro_rules! each {
-        (|$i:ident, $wd:ident| $e:expr) => {
-            for ($i, oi) in o.iter_mut().enumerate() {
-                let $wd: [f32; N] = std::array::from_fn(|m| r.r(ms[m][$i] * w[m]));
-                let mut v: f32 = $e;
-                if let Some(lam) = k.lam {
-                    v = r.r(v * lam);
-                }
-                *oi = r.r(base[$i] + v);
-            }
-        };
-    }
-    match (k.sum, k.normalize) {
-        (true, nz) => each!(|i, wd| {
+    let lam = k.lam.unwrap_or(1.0);
+    let plain_div = k.plain_div;
+    for (i, oi) in o.iter_mut().enumerate() {
+        let wd: [f32; N] = std::array::from_fn(|m| r.r(ms[m][i] * w[m]));
+        let mut v = if SUM {
             let mut sum = 0.0f32;
             for x in wd {
                 sum += x;
@@ -511,16 +534,19 @@ fn fused<const N: usize, R: crate::dtype::Rounding>(
             let v = r.r(acc);
             let d = r.r(div);
             let d = if d == 0.0 { 1.0 } else { d };
-            if nz { r.r(v / d) } else { v }
-        }),
-        (false, nz) => each!(|i, wd| {
+            if NZ { r.r(v / d) } else { v }
+        } else {
             let mut acc = 0.0f32;
             for x in wd {
                 acc += x;
             }
             let v = r.r(acc);
-            if nz { r.r(v / k.plain_div) } else { v }
-        }),
+            if NZ { r.r(v / plain_div) } else { v }
+        };
+        if LAM {
+            v = r.r(v * lam);
+        }
+        *oi = r.r(base[i] + v);
     }
 }
 
