@@ -467,35 +467,39 @@ multiversion! {
 multiversion! {
     /// DARE's mask: keeps element `i` (flat index `e0 + i`) when
     /// `s.bernoulli(e0 + i, p)`, else +0.0 — [`crate::rng::Stream::bernoulli`]
-    /// computed eight lanes at a time.
+    /// on 32-bit lanes.
     pub fn keep_random(d: &mut [f32], s: crate::rng::Stream, e0: u64, p: f32) {
-        let mut m = e0.wrapping_mul(crate::rng::Stream::STEP);
-        for x in d.iter_mut() {
-            *x = if s.uniform_at(m) < p { *x } else { 0.0 };
-            m = m.wrapping_add(crate::rng::Stream::STEP);
-        }
+        crate::rng::draw_runs(s, e0, d.len(), |off, run, k32, mut m| {
+            for x in d[off..off + run].iter_mut() {
+                *x = if crate::rng::draw_at(k32, m) < p { *x } else { 0.0 };
+                m = m.wrapping_add(crate::rng::Stream::STEP32);
+            }
+        });
     }
 }
 
 multiversion! {
     /// Keep flags of DARE's mask (see [`keep_random`]).
     pub fn random_flags(f: &mut [u8], s: crate::rng::Stream, e0: u64, p: f32) {
-        let mut m = e0.wrapping_mul(crate::rng::Stream::STEP);
-        for x in f.iter_mut() {
-            *x = (s.uniform_at(m) < p) as u8;
-            m = m.wrapping_add(crate::rng::Stream::STEP);
-        }
+        crate::rng::draw_runs(s, e0, f.len(), |off, run, k32, mut m| {
+            for x in f[off..off + run].iter_mut() {
+                *x = (crate::rng::draw_at(k32, m) < p) as u8;
+                m = m.wrapping_add(crate::rng::Stream::STEP32);
+            }
+        });
     }
 }
 
 multiversion! {
     /// DELLA's flags of one rank row: `f[j] = s.bernoulli(e0 + j, p[j])`.
     pub fn della_flags(f: &mut [u8], p: &[f32], s: crate::rng::Stream, e0: u64) {
-        let mut m = e0.wrapping_mul(crate::rng::Stream::STEP);
-        for (x, p) in f.iter_mut().zip(p) {
-            *x = (s.uniform_at(m) < *p) as u8;
-            m = m.wrapping_add(crate::rng::Stream::STEP);
-        }
+        let n = f.len().min(p.len());
+        crate::rng::draw_runs(s, e0, n, |off, run, k32, mut m| {
+            for (x, p) in f[off..off + run].iter_mut().zip(&p[off..off + run]) {
+                *x = (crate::rng::draw_at(k32, m) < *p) as u8;
+                m = m.wrapping_add(crate::rng::Stream::STEP32);
+            }
+        });
     }
 }
 
@@ -504,48 +508,44 @@ multiversion! {
 /// reads its last entry; `lut` must not be empty).
 pub fn della_flags_lut(f: &mut [u8], bins: &[u32], lut: &[f32], s: crate::rng::Stream, e0: u64) {
     assert!(!lut.is_empty(), "probabilities of no bins");
-    #[cfg(target_arch = "x86_64")]
-    if level() == Level::V4 && lut.len() <= i32::MAX as usize {
-        // SAFETY: `level` checked that the CPU has AVX-512F/BW/DQ/VL.
-        return unsafe { della_flags_lut_v4(f, bins, lut, s, e0) };
-    }
-    della_flags_lut_generic(f, bins, lut, s, e0)
+    let n = f.len().min(bins.len());
+    crate::rng::draw_runs(s, e0, n, |off, run, k32, m| {
+        let (f, bins) = (&mut f[off..off + run], &bins[off..off + run]);
+        #[cfg(target_arch = "x86_64")]
+        if level() == Level::V4 && lut.len() <= i32::MAX as usize {
+            // SAFETY: `level` checked that the CPU has AVX-512F/BW/DQ/VL.
+            return unsafe { della_flags_lut_v4(f, bins, lut, k32, m) };
+        }
+        della_flags_lut_generic(f, bins, lut, k32, m)
+    });
 }
 
-fn della_flags_lut_generic(
-    f: &mut [u8],
-    bins: &[u32],
-    lut: &[f32],
-    s: crate::rng::Stream,
-    e0: u64,
-) {
+/// [`della_flags_lut`] over one run of draws (see [`crate::rng::draw_runs`]).
+fn della_flags_lut_generic(f: &mut [u8], bins: &[u32], lut: &[f32], k32: u32, mut m: u32) {
     let last = lut.len() - 1;
-    let mut m = e0.wrapping_mul(crate::rng::Stream::STEP);
     for (x, b) in f.iter_mut().zip(bins) {
-        *x = (s.uniform_at(m) < lut[(*b as usize).min(last)]) as u8;
-        m = m.wrapping_add(crate::rng::Stream::STEP);
+        *x = (crate::rng::draw_at(k32, m) < lut[(*b as usize).min(last)]) as u8;
+        m = m.wrapping_add(crate::rng::Stream::STEP32);
     }
 }
 
-/// [`della_flags_lut`] with AVX-512: 16 draws (two vectors of SplitMix64
-/// on 64-bit lanes, the same bits as [`crate::rng::Stream::uniform_at`])
-/// against 16 gathered probabilities.
+/// [`della_flags_lut_generic`] with AVX-512: 16 draws (the 32-bit hash of
+/// [`crate::rng::draw_at`] on 16 lanes) against 16 gathered probabilities.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-fn della_flags_lut_v4(f: &mut [u8], bins: &[u32], lut: &[f32], s: crate::rng::Stream, e0: u64) {
+fn della_flags_lut_v4(f: &mut [u8], bins: &[u32], lut: &[f32], k32: u32, m0: u32) {
     use crate::rng::Stream;
     use std::arch::x86_64::*;
     let n = f.len().min(bins.len());
     let whole = n / 16 * 16;
-    let key = _mm512_set1_epi64(s.key() as i64);
-    let c1 = _mm512_set1_epi64(0xbf58_476d_1ce4_e5b9u64 as i64);
-    let c2 = _mm512_set1_epi64(0x94d0_49bb_1331_11ebu64 as i64);
-    let scale = _mm256_set1_ps(1.0 / 16_777_216.0);
+    let key = _mm512_set1_epi32(k32 as i32);
+    let c1 = _mm512_set1_epi32(0x21f0_aaadu32 as i32);
+    let c2 = _mm512_set1_epi32(0x735a_2d97u32 as i32);
+    let scale = _mm512_set1_ps(1.0 / 16_777_216.0);
     let last = _mm512_set1_epi32((lut.len() - 1) as i32);
     let one = _mm_set1_epi8(1);
-    let m0 = e0.wrapping_mul(Stream::STEP);
-    let lane = |k: u64| m0.wrapping_add(k.wrapping_mul(Stream::STEP)) as i64;
-    let mut ma = _mm512_setr_epi64(
+    let lane = |k: u32| m0.wrapping_add(k.wrapping_mul(Stream::STEP32)) as i32;
+    let mut m = _mm512_setr_epi32(
         lane(0),
         lane(1),
         lane(2),
@@ -554,21 +554,28 @@ fn della_flags_lut_v4(f: &mut [u8], bins: &[u32], lut: &[f32], s: crate::rng::St
         lane(5),
         lane(6),
         lane(7),
+        lane(8),
+        lane(9),
+        lane(10),
+        lane(11),
+        lane(12),
+        lane(13),
+        lane(14),
+        lane(15),
     );
-    let mut mb = _mm512_add_epi64(ma, _mm512_set1_epi64(Stream::STEP.wrapping_mul(8) as i64));
-    let step16 = _mm512_set1_epi64(Stream::STEP.wrapping_mul(16) as i64);
-    let draw = |m: __m512i| -> __m256 {
-        let mut z = _mm512_xor_si512(key, m);
-        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<30>(z)), c1);
-        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<27>(z)), c2);
-        // (z ^ z >> 31) >> 40 = z >> 40: the xor only touches bits below 33
-        _mm256_mul_ps(_mm512_cvtepu64_ps(_mm512_srli_epi64::<40>(z)), scale)
-    };
+    let step16 = _mm512_set1_epi32(Stream::STEP32.wrapping_mul(16) as i32);
     for (x, b) in f[..whole]
         .chunks_exact_mut(16)
         .zip(bins[..whole].chunks_exact(16))
     {
-        let u = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(draw(ma)), draw(mb));
+        let mut z = _mm512_xor_si512(key, m);
+        z = _mm512_xor_si512(z, _mm512_srli_epi32::<16>(z));
+        z = _mm512_mullo_epi32(z, c1);
+        z = _mm512_xor_si512(z, _mm512_srli_epi32::<15>(z));
+        z = _mm512_mullo_epi32(z, c2);
+        z = _mm512_xor_si512(z, _mm512_srli_epi32::<15>(z));
+        // 24 bits: exact as f32
+        let u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(z)), scale);
         // SAFETY: `b` and `x` hold 16 lanes each; the indices are clamped
         // to `lut.len() - 1`, so the gather reads inside `lut`.
         unsafe {
@@ -577,15 +584,14 @@ fn della_flags_lut_v4(f: &mut [u8], bins: &[u32], lut: &[f32], s: crate::rng::St
             let keep = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(u, p);
             _mm_storeu_si128(x.as_mut_ptr().cast(), _mm_maskz_mov_epi8(keep, one));
         }
-        ma = _mm512_add_epi64(ma, step16);
-        mb = _mm512_add_epi64(mb, step16);
+        m = _mm512_add_epi32(m, step16);
     }
     della_flags_lut_generic(
         &mut f[whole..n],
         &bins[whole..n],
         lut,
-        s,
-        e0.wrapping_add(whole as u64),
+        k32,
+        m0.wrapping_add((whole as u32).wrapping_mul(Stream::STEP32)),
     );
 }
 
@@ -988,5 +994,30 @@ mod tests {
                 .zip(&dec4)
                 .all(|(a, b)| a.to_bits() == b.to_bits())
         );
+    }
+
+    /// DARE's vector masks and DELLA's flags equal the scalar mask draw
+    /// per element, also across a 2³² index boundary.
+    #[test]
+    fn mask_kernels_equal_scalar_draws() {
+        let s = crate::rng::Stream::new(11, "mask", "dare:0");
+        for e0 in [0u64, 5, (1 << 32) - 37, 3 << 33] {
+            for n in [0usize, 1, 15, 16, 17, 1000] {
+                let p = 0.37f32;
+                let mut f = vec![9u8; n];
+                super::random_flags(&mut f, s, e0, p);
+                let mut d: Vec<f32> = (0..n).map(|i| i as f32 + 1.0).collect();
+                super::keep_random(&mut d, s, e0, p);
+                let probs: Vec<f32> = (0..n).map(|i| s.uniform(i as u64)).collect();
+                let mut g = vec![9u8; n];
+                super::della_flags(&mut g, &probs, s, e0);
+                for j in 0..n {
+                    let keep = s.bernoulli(e0 + j as u64, p);
+                    assert_eq!(f[j], keep as u8, "{e0} {j}");
+                    assert_eq!(d[j], if keep { j as f32 + 1.0 } else { 0.0 });
+                    assert_eq!(g[j], s.bernoulli(e0 + j as u64, probs[j]) as u8);
+                }
+            }
+        }
     }
 }

@@ -1325,7 +1325,7 @@ mod tests {
                     _ => s.uniform(500 + i as u64),
                 })
                 .collect();
-            for e0 in [0u64, 3, 1 << 40] {
+            for e0 in [0u64, 3, 1 << 40, (1 << 32) - 21] {
                 let st = Stream::new(e0, "flags", "x");
                 let mut f = vec![7u8; idx.len()];
                 crate::simd::della_flags_lut(&mut f, &idx, &probs, st, e0);
