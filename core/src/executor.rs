@@ -416,6 +416,14 @@ impl<'a> Coalescer<'a> {
         let Some(buf) = w.buf.as_ref() else {
             return Ok(());
         };
+        if w.filled == buf.len() as u64 && w.pieces.iter().map(|p| p.1).sum::<u64>() == w.filled {
+            // the whole window in the buffer: hand it over
+            let buf = w.buf.take().expect("buffer");
+            w.pieces.clear();
+            return self
+                .writer
+                .write_part_owned(self.shard, self.slot, k * COALESCE_WINDOW, buf);
+        }
         w.pieces.sort_unstable();
         let mut i = 0;
         while i < w.pieces.len() {

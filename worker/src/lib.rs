@@ -369,6 +369,10 @@ impl TensorSink for Guarded<'_> {
         self.check()?;
         self.inner.write_part(shard, slot, off, bytes)
     }
+    fn write_part_owned(&self, shard: usize, slot: usize, off: u64, bytes: Vec<u8>) -> Result<()> {
+        self.check()?;
+        self.inner.write_part_owned(shard, slot, off, bytes)
+    }
 }
 
 /// A short unique worker name: host-pid.

@@ -13,6 +13,17 @@ pub trait TensorSink: Send + Sync {
     fn write(&self, shard: usize, slot: usize, bytes: &[u8]) -> Result<()>;
     /// Part of a tensor's bytes, `byte_offset` bytes into its slot.
     fn write_part(&self, shard: usize, slot: usize, byte_offset: u64, bytes: &[u8]) -> Result<()>;
+    /// [`TensorSink::write_part`] handing over the buffer (a sink may keep
+    /// it instead of copying).
+    fn write_part_owned(
+        &self,
+        shard: usize,
+        slot: usize,
+        byte_offset: u64,
+        bytes: Vec<u8>,
+    ) -> Result<()> {
+        self.write_part(shard, slot, byte_offset, &bytes)
+    }
 }
 
 /// A [`TensorSink`] for a set of output shards that is committed or
@@ -34,5 +45,14 @@ impl TensorSink for ShardWriter {
     }
     fn write_part(&self, shard: usize, slot: usize, byte_offset: u64, bytes: &[u8]) -> Result<()> {
         ShardWriter::write_part(self, shard, slot, byte_offset, bytes)
+    }
+    fn write_part_owned(
+        &self,
+        shard: usize,
+        slot: usize,
+        byte_offset: u64,
+        bytes: Vec<u8>,
+    ) -> Result<()> {
+        ShardWriter::write_part_owned(self, shard, slot, byte_offset, bytes)
     }
 }

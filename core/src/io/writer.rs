@@ -83,12 +83,30 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
     let _ = (f, offset, len);
 }
 
+/// Queued bytes per shard beyond which a writer waits instead of queueing.
+const QUEUE_MAX: usize = 8 << 20;
+
+/// A shard's writes in flight: one thread at a time writes (the file
+/// system serialises writes to a file on its inode lock anyway, and a
+/// second writer would spin there); others queue their bytes and go back
+/// to computing, and the writing thread drains the queue before it leaves.
+#[derive(Debug, Default)]
+struct Pending {
+    busy: bool,
+    items: std::collections::VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+    /// The first failed write (reported once), and whether one failed.
+    err: Option<std::io::Error>,
+    failed: bool,
+}
+
 /// Shard files under construction in one directory.
 #[derive(Debug)]
 pub struct ShardWriter {
     files: Vec<(PathBuf, File, Vec<u64>, Vec<SlotSpec>)>,
     /// Bytes written so far, per shard (see [`WRITEBACK_EVERY`]).
     written: Vec<std::sync::atomic::AtomicU64>,
+    pending: Vec<(std::sync::Mutex<Pending>, std::sync::Condvar)>,
 }
 
 impl ShardWriter {
@@ -106,12 +124,80 @@ impl ShardWriter {
             files.push((path, f, offsets, slots.clone()));
         }
         let written = files.iter().map(|_| Default::default()).collect();
-        Ok(ShardWriter { files, written })
+        let pending = files.iter().map(|_| Default::default()).collect();
+        Ok(ShardWriter {
+            files,
+            written,
+            pending,
+        })
+    }
+
+    /// Writes `data` at absolute offset `at` of shard `shard`, or queues it
+    /// when another thread is writing to that shard (see [`Pending`]).
+    fn submit(&self, shard: usize, at: u64, data: std::borrow::Cow<'_, [u8]>) -> Result<()> {
+        let (path, f, _, _) = &self.files[shard];
+        let (m, cv) = &self.pending[shard];
+        let lock = || m.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = lock();
+        if q.busy {
+            while q.busy && q.bytes >= QUEUE_MAX && !q.failed {
+                q = cv.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        if q.failed {
+            return Err(Self::failure(path, &mut q));
+        }
+        if q.busy {
+            q.bytes += data.len();
+            q.items.push_back((at, data.into_owned()));
+            return Ok(());
+        }
+        q.busy = true;
+        drop(q);
+        let (mut at, mut data) = (at, data);
+        loop {
+            let r = f.write_all_at(&data, at);
+            if r.is_ok() {
+                self.wrote(shard, data.len() as u64);
+            }
+            let mut q = lock();
+            if let Err(e) = r {
+                q.failed = true;
+                q.err.get_or_insert(e);
+                q.items.clear();
+                q.bytes = 0;
+                q.busy = false;
+                cv.notify_all();
+                return Err(Self::failure(path, &mut q));
+            }
+            match q.items.pop_front() {
+                Some((a, d)) => {
+                    q.bytes -= d.len();
+                    cv.notify_all();
+                    (at, data) = (a, std::borrow::Cow::Owned(d));
+                }
+                None => {
+                    q.busy = false;
+                    cv.notify_all();
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The error of a failed write to `path` (the first caller gets the
+    /// file system's error).
+    fn failure(path: &Path, q: &mut Pending) -> Error {
+        let e = q
+            .err
+            .take()
+            .unwrap_or_else(|| std::io::Error::other("an earlier write to this file failed"));
+        Error::io(path, e)
     }
 
     /// Writes one tensor's bytes into its slot.
     pub fn write(&self, shard: usize, slot: usize, bytes: &[u8]) -> Result<()> {
-        let (path, f, offsets, slots) = &self.files[shard];
+        let (_, _, offsets, slots) = &self.files[shard];
         let want = slots[slot].nbytes();
         if bytes.len() as u64 != want {
             return Err(Error::tensor(
@@ -119,10 +205,7 @@ impl ShardWriter {
                 format!("internal: {} bytes for a slot of {want}", bytes.len()),
             ));
         }
-        f.write_all_at(bytes, offsets[slot])
-            .map_err(|e| Error::io(path, e))?;
-        self.wrote(shard, bytes.len() as u64);
-        Ok(())
+        self.submit(shard, offsets[slot], bytes.into())
     }
 
     /// Writes part of a tensor's bytes, `byte_offset` bytes into its slot.
@@ -133,17 +216,36 @@ impl ShardWriter {
         byte_offset: u64,
         bytes: &[u8],
     ) -> Result<()> {
-        let (path, f, offsets, slots) = &self.files[shard];
+        self.write_part_cow(shard, slot, byte_offset, bytes.into())
+    }
+
+    /// [`ShardWriter::write_part`] taking the bytes (queued without a copy
+    /// when another thread is writing).
+    pub fn write_part_owned(
+        &self,
+        shard: usize,
+        slot: usize,
+        byte_offset: u64,
+        bytes: Vec<u8>,
+    ) -> Result<()> {
+        self.write_part_cow(shard, slot, byte_offset, bytes.into())
+    }
+
+    fn write_part_cow(
+        &self,
+        shard: usize,
+        slot: usize,
+        byte_offset: u64,
+        bytes: std::borrow::Cow<'_, [u8]>,
+    ) -> Result<()> {
+        let (_, _, offsets, slots) = &self.files[shard];
         if byte_offset + bytes.len() as u64 > slots[slot].nbytes() {
             return Err(Error::tensor(
                 &slots[slot].name,
                 "internal: partial write past the end of its slot",
             ));
         }
-        f.write_all_at(bytes, offsets[slot] + byte_offset)
-            .map_err(|e| Error::io(path, e))?;
-        self.wrote(shard, bytes.len() as u64);
-        Ok(())
+        self.submit(shard, offsets[slot] + byte_offset, bytes)
     }
 
     /// Counts `len` bytes written to `shard`; the write that crosses a
@@ -158,9 +260,80 @@ impl ShardWriter {
 
     /// Flushes every shard to stable storage.
     pub fn finish(self) -> Result<()> {
-        for (path, f, _, _) in self.files {
-            f.sync_all().map_err(|e| Error::io(&path, e))?;
+        for (i, (path, f, _, _)) in self.files.iter().enumerate() {
+            // every write has returned by now; a queue is drained by the
+            // thread that was writing before that thread returned
+            let (m, cv) = &self.pending[i];
+            let mut q = m.lock().unwrap_or_else(|p| p.into_inner());
+            while q.busy {
+                q = cv.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+            if q.failed {
+                return Err(Self::failure(path, &mut q));
+            }
+            drop(q);
+            f.sync_all().map_err(|e| Error::io(path, e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parts written from several threads at once (some queued behind the
+    /// writing thread, owned or borrowed) all land at their offsets.
+    #[test]
+    fn concurrent_parts_land_at_their_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 3 << 20;
+        let slots = vec![
+            SlotSpec {
+                name: "a".into(),
+                dtype: DType::BF16,
+                shape: vec![n / 2],
+            },
+            SlotSpec {
+                name: "b".into(),
+                dtype: DType::F32,
+                shape: vec![1000],
+            },
+        ];
+        let w = ShardWriter::create(dir.path(), &[("model.safetensors".into(), slots)]).unwrap();
+        let s = crate::rng::Stream::new(2, "writer", "t");
+        let want: Vec<u8> = (0..n as u64).map(|i| (s.bits(i) >> 9) as u8).collect();
+        let part = 12_345;
+        let parts: Vec<usize> = (0..n.div_ceil(part)).collect();
+        std::thread::scope(|sc| {
+            for t in 0..4 {
+                let (w, want, parts) = (&w, &want, &parts);
+                sc.spawn(move || {
+                    for &p in parts.iter().skip(t).step_by(4) {
+                        let (a, b) = (p * part, ((p + 1) * part).min(n));
+                        if p % 2 == 0 {
+                            w.write_part(0, 0, a as u64, &want[a..b]).unwrap();
+                        } else {
+                            w.write_part_owned(0, 0, a as u64, want[a..b].to_vec())
+                                .unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        w.write(0, 1, &[7u8; 4000]).unwrap();
+        let e = w.write_part(0, 1, 3999, &[1, 2]).unwrap_err().to_string();
+        assert!(e.contains("b") && e.contains("past the end"), "{e}");
+        w.finish().unwrap();
+        let m = crate::io::ModelTensors::open_dir(dir.path(), "t").unwrap();
+        let got = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+        let loc = m.tensors.get("a").unwrap();
+        assert!(got[loc.offset as usize..loc.offset as usize + n] == want[..]);
+        let loc = m.tensors.get("b").unwrap();
+        assert!(
+            got[loc.offset as usize..loc.offset as usize + 4000]
+                .iter()
+                .all(|x| *x == 7)
+        );
     }
 }
