@@ -840,6 +840,8 @@ pub(crate) fn run_child(cmd: &mut Command) -> anyhow::Result<ChildRun> {
             return Err(anyhow::Error::new(e).context("waitid"));
         }
     }
+    // the child's end, before the sampler's last sleep
+    let wall = t.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let sampled = sampler.join().unwrap_or(0);
     loop {
@@ -853,7 +855,6 @@ pub(crate) fn run_child(cmd: &mut Command) -> anyhow::Result<ChildRun> {
             return Err(anyhow::Error::new(e).context("wait4"));
         }
     }
-    let wall = t.elapsed().as_secs_f64();
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
     let (ok, status) = if libc::WIFEXITED(status) {

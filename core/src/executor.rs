@@ -416,8 +416,9 @@ impl<'a> Coalescer<'a> {
         let Some(buf) = w.buf.as_ref() else {
             return Ok(());
         };
-        if w.filled == buf.len() as u64 && w.pieces.iter().map(|p| p.1).sum::<u64>() == w.filled {
-            // the whole window in the buffer: hand it over
+        if w.filled == buf.len() as u64 {
+            // complete and never evicted, so every byte is in the buffer:
+            // hand it over
             let buf = w.buf.take().expect("buffer");
             w.pieces.clear();
             return self
@@ -475,10 +476,9 @@ impl<'a> Coalescer<'a> {
                     .find(|(_, w)| w.buf.is_some())
                     .map(|(kk, _)| *kk)
                     .expect("a buffered window");
-                let mut w = open.remove(&low).expect("window");
-                self.write_runs(low, &mut w)?;
+                let w = open.get_mut(&low).expect("window");
+                self.write_runs(low, w)?;
                 w.buf = None;
-                open.insert(low, w);
             }
             let w = open.entry(k).or_insert_with(|| Window {
                 buf: Some(vec![0u8; size as usize]),
