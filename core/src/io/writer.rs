@@ -336,4 +336,32 @@ mod tests {
                 .all(|x| *x == 7)
         );
     }
+
+    /// A failed write names the file, later writes fail too, and `finish`
+    /// reports the failure instead of syncing a file with a hole.
+    #[test]
+    fn failed_writes_name_the_file_and_stick() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = vec![SlotSpec {
+            name: "a".into(),
+            dtype: DType::F32,
+            shape: vec![1 << 16],
+        }];
+        let mut w =
+            ShardWriter::create(dir.path(), &[("model.safetensors".into(), slots)]).unwrap();
+        // a read-only handle: every write fails (EBADF)
+        w.files[0].1 = File::open(dir.path().join("model.safetensors")).unwrap();
+        let e = w.write_part(0, 0, 0, &[1; 4096]).unwrap_err().to_string();
+        assert!(e.contains("model.safetensors"), "{e}");
+        let e = w
+            .write_part_owned(0, 0, 4096, vec![1; 4096])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("earlier write"),
+            "{e}"
+        );
+        let e = w.finish().unwrap_err().to_string();
+        assert!(e.contains("model.safetensors"), "{e}");
+    }
 }
