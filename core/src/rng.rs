@@ -79,29 +79,12 @@ impl Stream {
     /// Uniform in [0, 1) with 24 bits of resolution (exact in f32).
     #[inline(always)]
     pub fn uniform(&self, index: u64) -> f32 {
-        self.uniform_at(index.wrapping_mul(Self::STEP))
-    }
-
-    /// The stream's key (what [`Stream::uniform_at`] mixes with the
-    /// multiplied index), for vector versions of the draws.
-    #[inline(always)]
-    pub fn key(&self) -> u64 {
-        self.key
-    }
-
-    /// The multiplier applied to an element index before mixing: loops
-    /// over consecutive indices add it instead of multiplying (see
-    /// [`Stream::uniform_at`]).
-    pub const STEP: u64 = 0x9E37_79B9_7F4A_7C15;
-
-    /// [`Stream::uniform`] of the index `i` given as `m = i · STEP`
-    /// (wrapping): a loop keeps `m` and adds [`Stream::STEP`] per element
-    /// (an add per lane instead of a 64-bit multiply).
-    #[inline(always)]
-    pub fn uniform_at(&self, m: u64) -> f32 {
-        let h = mix64(self.key ^ m);
+        let h = mix64(self.key ^ index.wrapping_mul(Self::STEP));
         (h >> 40) as f32 * (1.0 / 16_777_216.0)
     }
+
+    /// The odd multiplier of an element index before the 64-bit mix.
+    pub const STEP: u64 = 0x9E37_79B9_7F4A_7C15;
 
     /// The odd multiplier of an element's low 32 index bits in a mask
     /// draw (loops add it per element).
@@ -152,11 +135,6 @@ mod tests {
         let n = 100_000;
         let kept = (0..n).filter(|i| s.bernoulli(*i, 0.3)).count() as f64 / n as f64;
         assert!((kept - 0.3).abs() < 0.01, "{kept}");
-        let mut m = 1000u64.wrapping_mul(Stream::STEP);
-        for i in 1000..1100u64 {
-            assert_eq!(s.uniform_at(m).to_bits(), s.uniform(i).to_bits());
-            m = m.wrapping_add(Stream::STEP);
-        }
     }
 
     /// Mask draws: Bernoulli frequencies right, streams of one tensor

@@ -64,8 +64,7 @@ const WRITEBACK_EVERY: u64 = 8 << 20;
 /// Starts writing a file's dirty pages back to disk (asynchronously), so
 /// the final fsync finds little left to do and the disk works while the
 /// merge computes. Advisory: failures are ignored (fsync reports them).
-/// `len` 0: to the end of the file.
-fn start_writeback(f: &File, offset: u64, len: u64) {
+fn start_writeback(f: &File) {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::io::AsRawFd;
@@ -73,14 +72,14 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
         unsafe {
             libc::sync_file_range(
                 f.as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
+                0,
+                0, // to the end of the file
                 libc::SYNC_FILE_RANGE_WRITE,
             );
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (f, offset, len);
+    let _ = f;
 }
 
 /// Queued bytes per shard beyond which a writer waits instead of queueing.
@@ -254,7 +253,7 @@ impl ShardWriter {
         use std::sync::atomic::Ordering;
         let before = self.written[shard].fetch_add(len, Ordering::Relaxed);
         if (before + len) / WRITEBACK_EVERY != before / WRITEBACK_EVERY {
-            start_writeback(&self.files[shard].1, 0, 0);
+            start_writeback(&self.files[shard].1);
         }
     }
 
