@@ -326,13 +326,28 @@ fn run_streamed(
     let written = std::sync::atomic::AtomicU64::new(0);
     let sink = Coalescer::new(&task.name, writer, task.shard, task.slot, task.out_bytes());
     let emit = |e0: usize, vals: &[f32]| -> Result<()> {
+        if out_dt == crate::dtype::DType::BF16 {
+            // straight into the output window, when the block lies in one
+            let at = (e0 * 2) as u64;
+            if sink.put_with(at, vals.len() * 2, |dst| {
+                crate::simd::encode_bf16_uninit(vals, dst)
+            })? {
+                written.fetch_add(vals.len() as u64 * 2, std::sync::atomic::Ordering::Relaxed);
+                return Ok(());
+            }
+        }
         WRITE_BUF.with(|b| {
             let mut b = b.borrow_mut();
-            b.clear();
-            if out_dt == task.working_dtype || out_dt == crate::dtype::DType::BF16 {
-                // bf16 encoding rounds by itself
+            if out_dt == crate::dtype::DType::BF16 {
+                // bf16 encoding rounds by itself; every byte is written, so
+                // a reused buffer of the same length is not cleared first
+                b.resize(vals.len() * 2, 0);
+                crate::simd::encode_bf16(vals, &mut b);
+            } else if out_dt == task.working_dtype {
+                b.clear();
                 out_dt.encode(vals, &mut b);
             } else {
+                b.clear();
                 let mut v = vals.to_vec();
                 crate::tensor::cast_slice(&mut v, task.working_dtype, out_dt);
                 out_dt.encode(&v, &mut b);
@@ -383,10 +398,27 @@ struct Coalescer<'a> {
 struct Window {
     /// Bytes put so far (buffered or passed through).
     filled: u64,
-    /// `None` once evicted: later bytes are written directly.
-    buf: Option<Vec<u8>>,
+    /// `None` once evicted: later bytes are written directly. Not cleared
+    /// when made: only bytes put are ever read.
+    buf: Option<Box<[std::mem::MaybeUninit<u8>]>>,
     /// Buffered pieces: (offset in the window, length).
     pieces: Vec<(u64, u64)>,
+}
+
+impl Window {
+    /// Whether the buffered pieces cover the whole buffer, each byte once
+    /// (sorts the pieces).
+    fn tiled(&mut self) -> bool {
+        let Some(buf) = self.buf.as_ref() else {
+            return false;
+        };
+        self.pieces.sort_unstable();
+        let end = self
+            .pieces
+            .iter()
+            .try_fold(0u64, |at, (a, n)| (*a == at).then_some(at + n));
+        end == Some(buf.len() as u64)
+    }
 }
 
 impl<'a> Coalescer<'a> {
@@ -413,19 +445,21 @@ impl<'a> Coalescer<'a> {
 
     /// Writes the buffered pieces of window `k`, merged into runs.
     fn write_runs(&self, k: u64, w: &mut Window) -> Result<()> {
-        let Some(buf) = w.buf.as_ref() else {
+        if w.buf.is_none() {
             return Ok(());
-        };
-        if w.filled == buf.len() as u64 {
+        }
+        if w.tiled() {
             // complete and never evicted, so every byte is in the buffer:
             // hand it over
             let buf = w.buf.take().expect("buffer");
             w.pieces.clear();
+            // SAFETY: the pieces put tile the whole window.
+            let buf = unsafe { buf.assume_init() }.into_vec();
             return self
                 .writer
                 .write_part_owned(self.shard, self.slot, k * COALESCE_WINDOW, buf);
         }
-        w.pieces.sort_unstable();
+        let buf = w.buf.as_ref().expect("buffer");
         let mut i = 0;
         while i < w.pieces.len() {
             let (a, mut b) = (w.pieces[i].0, w.pieces[i].0 + w.pieces[i].1);
@@ -434,15 +468,62 @@ impl<'a> Coalescer<'a> {
                 b += w.pieces[i].1;
                 i += 1;
             }
-            self.writer.write_part(
-                self.shard,
-                self.slot,
-                k * COALESCE_WINDOW + a,
-                &buf[a as usize..b as usize],
-            )?;
+            let run = &buf[a as usize..b as usize];
+            // SAFETY: `a..b` is a run of pieces put, so every byte is set.
+            let run = unsafe { std::slice::from_raw_parts(run.as_ptr().cast::<u8>(), run.len()) };
+            self.writer
+                .write_part(self.shard, self.slot, k * COALESCE_WINDOW + a, run)?;
         }
         w.pieces.clear();
         Ok(())
+    }
+
+    /// Puts `len` bytes at `offset` that `fill` writes (every one of them)
+    /// straight into the buffer of their window, when they lie inside one
+    /// buffered (or new) window and are not all of it; returns false,
+    /// calling nothing, otherwise (the caller then uses [`Self::put`]).
+    fn put_with(
+        &self,
+        offset: u64,
+        len: usize,
+        fill: impl FnOnce(&mut [std::mem::MaybeUninit<u8>]),
+    ) -> Result<bool> {
+        let k = offset / COALESCE_WINDOW;
+        let in_w = offset - k * COALESCE_WINDOW;
+        if offset + len as u64 > self.total
+            || in_w + len as u64 > COALESCE_WINDOW
+            || len as u64 == self.size_of(k)
+        {
+            return Ok(false);
+        }
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let buffered = open.values().filter(|w| w.buf.is_some()).count();
+        match open.get(&k) {
+            Some(w) if w.buf.is_none() => return Ok(false),
+            None if buffered >= COALESCE_OPEN => return Ok(false),
+            _ => {}
+        }
+        let size = self.size_of(k);
+        let w = open.entry(k).or_insert_with(|| Window {
+            buf: Some(Box::new_uninit_slice(size as usize)),
+            ..Default::default()
+        });
+        let buf = w.buf.as_mut().expect("buffered window");
+        fill(&mut buf[in_w as usize..in_w as usize + len]);
+        w.pieces.push((in_w, len as u64));
+        w.filled += len as u64;
+        if w.filled >= size {
+            let mut w = open.remove(&k).expect("window");
+            drop(open);
+            if !w.tiled() {
+                return Err(Error::tensor(
+                    self.name,
+                    "internal: streamed output put some bytes twice",
+                ));
+            }
+            self.write_runs(k, &mut w)?;
+        }
+        Ok(true)
     }
 
     /// Puts `bytes` at `offset` in the tensor's output.
@@ -481,13 +562,18 @@ impl<'a> Coalescer<'a> {
                 w.buf = None;
             }
             let w = open.entry(k).or_insert_with(|| Window {
-                buf: Some(vec![0u8; size as usize]),
+                buf: Some(Box::new_uninit_slice(size as usize)),
                 ..Default::default()
             });
             w.filled += n as u64;
             match w.buf.as_mut() {
                 Some(buf) => {
-                    buf[in_w as usize..in_w as usize + n].copy_from_slice(piece);
+                    let dst = &mut buf[in_w as usize..in_w as usize + n];
+                    // SAFETY: `dst` and `piece` are `n` bytes each, distinct
+                    // allocations; MaybeUninit<u8> has u8's layout.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(piece.as_ptr(), dst.as_mut_ptr().cast(), n)
+                    };
                     w.pieces.push((in_w, n as u64));
                 }
                 None => {
@@ -497,6 +583,13 @@ impl<'a> Coalescer<'a> {
             if w.filled >= size {
                 let mut w = open.remove(&k).expect("window");
                 drop(open);
+                if w.buf.is_some() && !w.tiled() {
+                    // as many bytes as the window holds, yet not all of it
+                    return Err(Error::tensor(
+                        self.name,
+                        "internal: streamed output put some bytes twice",
+                    ));
+                }
                 self.write_runs(k, &mut w)?;
             }
         }
@@ -711,7 +804,18 @@ mod tests {
                         for &b in part {
                             let a = b * block;
                             let e = (a + block).min(total as usize);
-                            c.put(a as u64, &want[a..e]).unwrap();
+                            // odd blocks filled in place where they can be
+                            let src = &want[a..e];
+                            let placed = b % 2 == 1
+                                && c.put_with(a as u64, e - a, |dst| {
+                                    for (d, x) in dst.iter_mut().zip(src) {
+                                        d.write(*x);
+                                    }
+                                })
+                                .unwrap();
+                            if !placed {
+                                c.put(a as u64, src).unwrap();
+                            }
                         }
                     });
                 }
@@ -746,5 +850,25 @@ mod tests {
         assert!(e.contains("model.x") && e.contains("gaps"), "{e}");
         // what was put is still written
         assert!(rec.bytes.lock().unwrap().1[..50].iter().all(|x| *x));
+        // bytes put twice fill the count but leave a gap: an error, and
+        // only bytes put are written
+        let rec = Record {
+            bytes: Mutex::new((vec![0; 100], vec![false; 100], 0)),
+        };
+        for in_place in [false, true] {
+            let c = Coalescer::new("model.y", &rec, 0, 0, 100);
+            c.put(0, &[1; 60]).unwrap();
+            let e = if in_place {
+                c.put_with(30, 40, |d| d.iter_mut().for_each(|x| _ = x.write(2)))
+                    .map(|_| ())
+            } else {
+                c.put(30, &[2; 40])
+            };
+            let e = e.unwrap_err().to_string();
+            assert!(e.contains("model.y") && e.contains("twice"), "{e}");
+            assert!(rec.bytes.lock().unwrap().1.iter().all(|x| !*x));
+            // past the end: declined, nothing called
+            assert!(!c.put_with(90, 20, |_| unreachable!()).unwrap());
+        }
     }
 }

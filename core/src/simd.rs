@@ -116,6 +116,17 @@ multiversion! {
 }
 
 multiversion! {
+    /// [`encode_bf16`] into bytes not yet set (every one is written).
+    pub fn encode_bf16_uninit(values: &[f32], out: &mut [std::mem::MaybeUninit<u8>]) {
+        for (v, c) in values.iter().zip(out.chunks_exact_mut(2)) {
+            let b = ((crate::dtype::bf16_round(*v).to_bits() >> 16) as u16).to_le_bytes();
+            c[0].write(b[0]);
+            c[1].write(b[1]);
+        }
+    }
+}
+
+multiversion! {
     /// f32 → little-endian f32 bytes.
     pub fn encode_f32(values: &[f32], out: &mut [u8]) {
         for (v, c) in values.iter().zip(out.chunks_exact_mut(4)) {
