@@ -722,21 +722,26 @@ pub fn run_tasks(
             })?;
         start = end;
     }
-    // streamed tensors: one at a time, blocks in parallel
-    for &i in &streamed {
-        let task = &plan.tensors[i];
-        let n = if method
-            .stream_align(&task.shape, &task.global, &task.per_model)
-            .is_some()
-        {
-            run_streamed(plan, task, models, method.as_ref(), writer)?
-        } else {
-            run_row_blocks(plan, task, models, writer)?
-        };
-        let b = bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
-        tensor_done(b);
-    }
-    Ok(())
+    // streamed tensors: blocks in parallel; tensors too, so that a thread
+    // done with its share of one tensor's pass takes blocks of another
+    // instead of waiting for the pass to end
+    streamed
+        .par_iter()
+        .with_max_len(1)
+        .try_for_each(|&i| -> Result<()> {
+            let task = &plan.tensors[i];
+            let n = if method
+                .stream_align(&task.shape, &task.global, &task.per_model)
+                .is_some()
+            {
+                run_streamed(plan, task, models, method.as_ref(), writer)?
+            } else {
+                run_row_blocks(plan, task, models, writer)?
+            };
+            let b = bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+            tensor_done(b);
+            Ok(())
+        })
 }
 
 #[cfg(test)]
