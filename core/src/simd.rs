@@ -698,11 +698,13 @@ multiversion! {
 }
 
 multiversion! {
-    /// Counting-sort bins of `k >> sh` (< 2³¹): `k - lo + 2` from `lo` up,
+    /// Counting-sort bins of `(k & 0x7FFF_FFFF) >> sh` (f32 bits as keys of
+    /// |x|): `k - lo + 2` from `lo` up,
     /// 0 for `min`, 1 between.
     pub fn bins_of(keys: &[u32], sh: u32, lo: u32, min: u32, bins: &mut [u32]) {
         for (b, k) in bins.iter_mut().zip(keys) {
-            let k = k >> sh;
+            // the sign bit of f32 bits is not part of the key
+            let k = (k & 0x7FFF_FFFF) >> sh;
             let v = (k + 2).max(lo + 1) - lo;
             *b = if k == min { 0 } else { v };
         }

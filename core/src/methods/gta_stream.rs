@@ -915,16 +915,12 @@ fn della_block(
     for (o, dc) in d.chunks(chunk).enumerate() {
         let base = o * chunk;
         for c in 0..inner {
-            s.keys32.clear();
             if inner == 1 {
-                s.keys32.extend(dc.iter().map(|x| abs_key(*x)));
-            } else {
-                s.keys32
-                    .extend((0..len).map(|j| abs_key(dc[j * inner + c])));
-            }
-            if inner == 1 {
-                let f = &mut flags[base..base + s.keys32.len()];
-                if row_lut(s, rp) {
+                // the row's f32 bits are its keys (the sign is masked off
+                // where they are read)
+                let keys = f32_bits(dc);
+                let f = &mut flags[base..base + keys.len()];
+                if row_lut(keys, s, rp) {
                     crate::simd::della_flags_lut(f, &s.bins, &s.lut, stream, (e0 + base) as u64);
                     // bin 1's elements: their own probabilities
                     bin1_probs(s, rp, |j, q| {
@@ -932,10 +928,14 @@ fn della_block(
                     });
                 }
             } else {
+                let mut keys = std::mem::take(&mut s.keys32);
+                keys.clear();
+                keys.extend((0..len).map(|j| abs_key(dc[j * inner + c])));
                 // every probability is written
-                probs.truncate(s.keys32.len());
-                probs.resize(s.keys32.len(), 0.0);
-                row_probs(s, rp, &mut probs);
+                probs.truncate(keys.len());
+                probs.resize(keys.len(), 0.0);
+                row_probs(&keys, s, rp, &mut probs);
+                s.keys32 = keys;
                 for (j, p) in probs.iter().enumerate() {
                     let i = base + j * inner + c;
                     flags[i] = stream.bernoulli((e0 + i) as u64, *p) as u8;
@@ -947,8 +947,17 @@ fn della_block(
 }
 }
 
-/// `probs[j]`: the keep probability of `s.keys32[j]` in its row, the mean
-/// of the probabilities of the ranks its key occupies (ascending).
+/// The bits of `x` (each element's [`abs_key`] once its sign bit is masked).
+#[inline(always)]
+fn f32_bits(x: &[f32]) -> &[u32] {
+    // SAFETY: f32 and u32 have the same size and alignment, and every bit
+    // pattern is a valid u32.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u32>(), x.len()) }
+}
+
+/// `probs[j]`: the keep probability of `keys[j]` (f32 bits; the sign bit
+/// is ignored) in its row, the mean of the probabilities of the ranks its
+/// key occupies (ascending).
 ///
 /// A counting sort's bins: keys are shifted right by the low bits no key
 /// sets (16 for bfloat16); key values in the top `len` (a window) get bins
@@ -958,8 +967,8 @@ fn della_block(
 /// loop, then a probability per occupied bin, then a gather: no per-element
 /// rank (equal keys share one probability).
 #[inline(always)]
-fn row_probs(s: &mut RankBufs, rp: &sparsify::RankProbs, probs: &mut [f32]) {
-    if row_lut(s, rp) {
+fn row_probs(keys: &[u32], s: &mut RankBufs, rp: &sparsify::RankProbs, probs: &mut [f32]) {
+    if row_lut(keys, s, rp) {
         crate::simd::gather_f32(&s.lut, &s.bins, probs);
         bin1_probs(s, rp, |j, q| probs[j] = q);
     }
@@ -969,8 +978,8 @@ fn row_probs(s: &mut RankBufs, rp: &sparsify::RankProbs, probs: &mut [f32]) {
 /// `s.keys` (bin 1, sorted) and `s.lut` (the probability of every occupied
 /// bin but 1); false for an empty row.
 #[inline(always)]
-fn row_lut(s: &mut RankBufs, rp: &sparsify::RankProbs) -> bool {
-    let keys = &s.keys32;
+fn row_lut(keys: &[u32], s: &mut RankBufs, rp: &sparsify::RankProbs) -> bool {
+    const ABS: u32 = 0x7FFF_FFFF;
     let len = keys.len();
     s.keys.clear();
     s.counts.clear();
@@ -980,9 +989,10 @@ fn row_lut(s: &mut RankBufs, rp: &sparsify::RankProbs) -> bool {
     }
     let (mut lo, mut hi, mut or) = (u32::MAX, 0u32, 0u32);
     for k in keys {
-        lo = lo.min(*k);
-        hi = hi.max(*k);
-        or |= *k;
+        let k = *k & ABS;
+        lo = lo.min(k);
+        hi = hi.max(k);
+        or |= k;
     }
     let sh = or.trailing_zeros().min(31);
     let (min, hi) = (lo >> sh, hi >> sh);
@@ -1005,7 +1015,7 @@ fn row_lut(s: &mut RankBufs, rp: &sparsify::RankProbs) -> bool {
                 for (jj, b) in ch.iter().enumerate() {
                     if *b == 1 {
                         let j = q * 16 + jj;
-                        s.keys.push(((keys[j] as u64) << 32) | j as u64);
+                        s.keys.push((((keys[j] & ABS) as u64) << 32) | j as u64);
                     }
                 }
             }
@@ -1016,7 +1026,7 @@ fn row_lut(s: &mut RankBufs, rp: &sparsify::RankProbs) -> bool {
             let out = &mut s.keys[..];
             let mut n = 0;
             for (j, (b, k)) in s.bins.iter().zip(keys).enumerate() {
-                out[n.min(len - 1)] = ((*k as u64) << 32) | j as u64;
+                out[n.min(len - 1)] = (((*k & ABS) as u64) << 32) | j as u64;
                 n += (*b == 1) as usize;
             }
             s.keys.truncate(under);
@@ -1272,9 +1282,9 @@ mod tests {
                 let rp = sparsify::RankProbs::new(len, 0.5, 0.1, dt);
                 let cum = &rp.cum;
                 let mut b = RankBufs::default();
-                b.keys32.extend(d.iter().map(|x| abs_key(*x)));
+                // raw bits: row_probs ignores the sign
                 let mut probs = vec![f32::NAN; len];
-                row_probs(&mut b, &rp, &mut probs);
+                row_probs(f32_bits(&d), &mut b, &rp, &mut probs);
                 let mut sum = 0f64;
                 for (j, p) in probs.iter().enumerate() {
                     let below = (0..len).filter(|&i| key(i) < key(j)).count();
