@@ -353,6 +353,8 @@ pub fn encode_par(dtype: DType, values: &[f32]) -> Vec<u8> {
 /// Rounding to a working dtype, as a type: kernels generic over it are
 /// compiled once per dtype, so the per-op rounding inlines and vectorises.
 pub trait Rounding: Copy + Send + Sync + 'static {
+    /// Whether this is [`Bf16Rounding`] (kernels written for bfloat16).
+    const IS_BF16: bool = false;
     fn r(self, x: f32) -> f32;
 }
 
@@ -364,6 +366,7 @@ pub struct F16Rounding;
 pub struct ExactRounding;
 
 impl Rounding for Bf16Rounding {
+    const IS_BF16: bool = true;
     #[inline(always)]
     fn r(self, x: f32) -> f32 {
         bf16_round(x)

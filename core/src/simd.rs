@@ -87,6 +87,158 @@ pub(crate) fn level() -> Level {
     })
 }
 
+/// Whether the AVX-512 BF16 kernels may run (AVX-512 level, and the CPU
+/// converts f32 to bfloat16 in hardware).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn bf16_native() -> bool {
+    use std::sync::OnceLock;
+    static B: OnceLock<bool> = OnceLock::new();
+    *B.get_or_init(|| level() == Level::V4 && is_x86_feature_detected!("avx512bf16"))
+}
+
+/// The two-model combination of the task-arithmetic family in bfloat16
+/// (`generalized_task_arithmetic::fused_loop` for two models, the same
+/// operations in the same order, so the same bits): `sum` = sign consensus,
+/// `nz` = normalise (by the agreeing weights, or by `plain_div` without
+/// consensus), `lam` = lambda. Returns false, doing nothing, where the CPU
+/// lacks AVX-512 BF16.
+#[allow(clippy::too_many_arguments)]
+pub fn combine2_bf16(
+    base: &[f32],
+    m0: &[f32],
+    m1: &[f32],
+    w: [f32; 2],
+    sum: bool,
+    nz: bool,
+    plain_div: f32,
+    lam: Option<f32>,
+    o: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if bf16_native() && base.len() >= o.len() && m0.len() >= o.len() && m1.len() >= o.len() {
+        // SAFETY: `bf16_native` checked AVX-512 F/BW/DQ and BF16; the
+        // slices hold `o.len()` elements each.
+        unsafe { combine2_bf16_v4(base, m0, m1, w, sum, nz, plain_div, lam, o) };
+        return true;
+    }
+    let _ = (base, m0, m1, w, sum, nz, plain_div, lam, o);
+    false
+}
+
+/// [`crate::dtype::bf16_round`] of 16 lanes: the hardware conversion, which
+/// rounds to nearest even and quiets NaN as `bf16_round` does, but flushes
+/// subnormal inputs to zero, so lanes holding one are rounded in bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+#[inline]
+fn r16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let h: __m256i = unsafe { std::mem::transmute(_mm512_cvtneps_pbh(x)) };
+    let y = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+    let sub = _mm512_fpclass_ps_mask::<0x20>(x);
+    if sub == 0 {
+        return y;
+    }
+    let b = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
+    let r = _mm512_and_si512(r, _mm512_set1_epi32(0xFFFF_0000u32 as i32));
+    _mm512_mask_mov_ps(y, sub, _mm512_castsi512_ps(r))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+fn combine2_bf16_v4(
+    base: &[f32],
+    m0: &[f32],
+    m1: &[f32],
+    w: [f32; 2],
+    sum: bool,
+    nz: bool,
+    plain_div: f32,
+    lam: Option<f32>,
+    o: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = o.len();
+    let whole = n / 16 * 16;
+    let (w0, w1) = (_mm512_set1_ps(w[0]), _mm512_set1_ps(w[1]));
+    let zero = _mm512_setzero_ps();
+    let one = _mm512_set1_ps(1.0);
+    let pd = _mm512_set1_ps(plain_div);
+    let lv = _mm512_set1_ps(lam.unwrap_or(1.0));
+    let mut i = 0;
+    while i < whole {
+        // SAFETY: `i + 16 <= n` and every slice holds `n` elements.
+        unsafe {
+            let x0 = _mm512_loadu_ps(m0.as_ptr().add(i));
+            let x1 = _mm512_loadu_ps(m1.as_ptr().add(i));
+            let wd0 = r16(_mm512_mul_ps(x0, w0));
+            let wd1 = r16(_mm512_mul_ps(x1, w1));
+            let mut v = if sum {
+                let s = _mm512_add_ps(_mm512_add_ps(zero, wd0), wd1);
+                // majority sign (zero counts as positive)
+                let pos = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(r16(s), zero);
+                let maj = _mm512_mask_mov_ps(_mm512_set1_ps(-1.0), pos, one);
+                let a0 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_mul_ps(wd0, maj), zero);
+                let a1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_mul_ps(wd1, maj), zero);
+                let acc = _mm512_add_ps(
+                    _mm512_add_ps(zero, _mm512_maskz_mov_ps(a0, wd0)),
+                    _mm512_maskz_mov_ps(a1, wd1),
+                );
+                let div = _mm512_add_ps(
+                    _mm512_add_ps(zero, _mm512_maskz_mov_ps(a0, w0)),
+                    _mm512_maskz_mov_ps(a1, w1),
+                );
+                let v = r16(acc);
+                if nz {
+                    let d = r16(div);
+                    let d = _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(d, zero), one);
+                    r16(_mm512_div_ps(v, d))
+                } else {
+                    v
+                }
+            } else {
+                let v = r16(_mm512_add_ps(_mm512_add_ps(zero, wd0), wd1));
+                if nz { r16(_mm512_div_ps(v, pd)) } else { v }
+            };
+            if lam.is_some() {
+                v = r16(_mm512_mul_ps(v, lv));
+            }
+            let b = _mm512_loadu_ps(base.as_ptr().add(i));
+            _mm512_storeu_ps(o.as_mut_ptr().add(i), r16(_mm512_add_ps(b, v)));
+        }
+        i += 16;
+    }
+    // the tail, element by element, in the same operations
+    let r = crate::dtype::bf16_round;
+    for j in whole..n {
+        let wd = [r(m0[j] * w[0]), r(m1[j] * w[1])];
+        let mut v = if sum {
+            let s = 0.0 + wd[0] + wd[1];
+            let maj = if r(s) >= 0.0 { 1.0f32 } else { -1.0 };
+            let (mut acc, mut div) = (0.0f32, 0.0f32);
+            for m in 0..2 {
+                let agree = wd[m] * maj > 0.0;
+                acc += if agree { wd[m] } else { 0.0 };
+                div += if agree { w[m] } else { 0.0 };
+            }
+            let v = r(acc);
+            let d = r(div);
+            let d = if d == 0.0 { 1.0 } else { d };
+            if nz { r(v / d) } else { v }
+        } else {
+            let v = r(0.0 + wd[0] + wd[1]);
+            if nz { r(v / plain_div) } else { v }
+        };
+        if let Some(l) = lam {
+            v = r(v * l);
+        }
+        o[j] = r(base[j] + v);
+    }
+}
+
 multiversion! {
     /// Little-endian bf16 bytes → f32 (`out.len()` elements).
     pub fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
@@ -912,6 +1064,37 @@ mod tests {
                 "{n}"
             );
         }
+    }
+
+    #[test]
+    fn hardware_bf16_rounding_equals_bf16_round() {
+        #[cfg(target_arch = "x86_64")]
+        if super::bf16_native() {
+            use std::arch::x86_64::*;
+            // every high half with low halves around the rounding point,
+            // subnormals, NaNs (quiet and signalling) and infinities among them
+            let lows = [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1234];
+            let all: Vec<u32> = (0..=0xFFFFu32)
+                .flat_map(|h| lows.iter().map(move |l| (h << 16) | l))
+                .collect();
+            for c in all.chunks_exact(16) {
+                let x: Vec<f32> = c.iter().map(|b| f32::from_bits(*b)).collect();
+                let mut y = [0f32; 16];
+                // SAFETY: `bf16_native` checked the CPU; 16 lanes each.
+                unsafe {
+                    let v = super::r16(_mm512_loadu_ps(x.as_ptr()));
+                    _mm512_storeu_ps(y.as_mut_ptr(), v);
+                }
+                for (a, b) in x.iter().zip(&y) {
+                    let want = crate::dtype::bf16_round(*a);
+                    assert_eq!(b.to_bits(), want.to_bits(), "{:08x}", a.to_bits());
+                }
+            }
+            return;
+        }
+        eprintln!(
+            "no AVX-512 BF16 on this CPU: the hardware rounding is not used, nothing to compare"
+        );
     }
 
     #[test]

@@ -457,6 +457,18 @@ fn fused_any<R: crate::dtype::Rounding>(
 ) -> bool {
     match ms.len() {
         1 => fused::<1, R>(r, base, ms, weights, k, o),
+        2 if R::IS_BF16
+            && crate::simd::combine2_bf16(
+                base,
+                ms[0],
+                ms[1],
+                [weights[0], weights[1]],
+                k.sum,
+                k.normalize,
+                k.plain_div,
+                k.lam,
+                o,
+            ) => {}
         2 => fused::<2, R>(r, base, ms, weights, k, o),
         3 => fused::<3, R>(r, base, ms, weights, k, o),
         4 => fused::<4, R>(r, base, ms, weights, k, o),
