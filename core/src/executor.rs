@@ -722,26 +722,53 @@ pub fn run_tasks(
             })?;
         start = end;
     }
-    // streamed tensors: blocks in parallel; tensors too, so that a thread
-    // done with its share of one tensor's pass takes blocks of another
-    // instead of waiting for the pass to end
-    streamed
-        .par_iter()
-        .with_max_len(1)
-        .try_for_each(|&i| -> Result<()> {
-            let task = &plan.tensors[i];
-            let n = if method
-                .stream_align(&task.shape, &task.global, &task.per_model)
-                .is_some()
-            {
-                run_streamed(plan, task, models, method.as_ref(), writer)?
-            } else {
-                run_row_blocks(plan, task, models, writer)?
-            };
-            let b = bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
-            tensor_done(b);
-            Ok(())
-        })
+    // streamed tensors: blocks in parallel, and one tensor in flight per
+    // pool thread, so that a thread done with its share of one tensor's pass
+    // takes blocks of another instead of waiting for the pass to end (while
+    // at most that many tensors hold their per-tensor state)
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    let lanes = (threads as usize).min(streamed.len());
+    rayon::scope(|sc| {
+        for _ in 0..lanes {
+            sc.spawn(|_| {
+                loop {
+                    let q = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&i) = streamed.get(q) else {
+                        return;
+                    };
+                    let task = &plan.tensors[i];
+                    let r = if method
+                        .stream_align(&task.shape, &task.global, &task.per_model)
+                        .is_some()
+                    {
+                        run_streamed(plan, task, models, method.as_ref(), writer)
+                    } else {
+                        run_row_blocks(plan, task, models, writer)
+                    };
+                    match r {
+                        Ok(n) => {
+                            let b = bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+                            tensor_done(b);
+                        }
+                        Err(e) => {
+                            // the others stop taking tensors
+                            next.store(streamed.len(), std::sync::atomic::Ordering::Relaxed);
+                            failed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
