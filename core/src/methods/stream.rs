@@ -102,6 +102,9 @@ pub struct Scratch {
 pub struct RankBufs {
     pub keys32: Vec<u32>,
     pub counts: Vec<u32>,
+    /// A second set of counts (odd elements), added into `counts`; all
+    /// zeros between rows.
+    pub counts2: Vec<u32>,
     pub keys: Vec<u64>,
     pub probs: Vec<f32>,
     pub bins: Vec<u32>,
