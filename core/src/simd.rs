@@ -100,8 +100,9 @@ pub(crate) fn bf16_native() -> bool {
 /// (`generalized_task_arithmetic::fused_loop` for two models, the same
 /// operations in the same order, so the same bits): `sum` = sign consensus,
 /// `nz` = normalise (by the agreeing weights, or by `plain_div` without
-/// consensus), `lam` = lambda. Returns false, doing nothing, where the CPU
-/// lacks AVX-512 BF16.
+/// consensus), `lam` = lambda. Combines whole groups of 16 elements from the
+/// start of `o` and returns how many elements it did (none where the CPU
+/// lacks AVX-512 BF16): the caller does the rest.
 #[allow(clippy::too_many_arguments)]
 pub fn combine2_bf16(
     base: &[f32],
@@ -113,16 +114,17 @@ pub fn combine2_bf16(
     plain_div: f32,
     lam: Option<f32>,
     o: &mut [f32],
-) -> bool {
+) -> usize {
     #[cfg(target_arch = "x86_64")]
     if bf16_native() && base.len() >= o.len() && m0.len() >= o.len() && m1.len() >= o.len() {
+        let whole = o.len() / 16 * 16;
         // SAFETY: `bf16_native` checked AVX-512 F/BW/DQ and BF16; the
-        // slices hold `o.len()` elements each.
-        unsafe { combine2_bf16_v4(base, m0, m1, w, sum, nz, plain_div, lam, o) };
-        return true;
+        // slices hold `whole` elements each.
+        unsafe { combine2_bf16_v4(base, m0, m1, w, sum, nz, plain_div, lam, &mut o[..whole]) };
+        return whole;
     }
     let _ = (base, m0, m1, w, sum, nz, plain_div, lam, o);
-    false
+    0
 }
 
 /// [`crate::dtype::bf16_round`] of 16 lanes: the hardware conversion, which
@@ -161,8 +163,8 @@ fn combine2_bf16_v4(
     o: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let n = o.len();
-    let whole = n / 16 * 16;
+    // whole groups of 16 (the caller's slice)
+    let whole = o.len() / 16 * 16;
     let (w0, w1) = (_mm512_set1_ps(w[0]), _mm512_set1_ps(w[1]));
     let zero = _mm512_setzero_ps();
     let one = _mm512_set1_ps(1.0);
@@ -170,7 +172,7 @@ fn combine2_bf16_v4(
     let lv = _mm512_set1_ps(lam.unwrap_or(1.0));
     let mut i = 0;
     while i < whole {
-        // SAFETY: `i + 16 <= n` and every slice holds `n` elements.
+        // SAFETY: `i + 16 <= o.len()` and every slice holds that many.
         unsafe {
             let x0 = _mm512_loadu_ps(m0.as_ptr().add(i));
             let x1 = _mm512_loadu_ps(m1.as_ptr().add(i));
@@ -210,32 +212,6 @@ fn combine2_bf16_v4(
             _mm512_storeu_ps(o.as_mut_ptr().add(i), r16(_mm512_add_ps(b, v)));
         }
         i += 16;
-    }
-    // the tail, element by element, in the same operations
-    let r = crate::dtype::bf16_round;
-    for j in whole..n {
-        let wd = [r(m0[j] * w[0]), r(m1[j] * w[1])];
-        let mut v = if sum {
-            let s = 0.0 + wd[0] + wd[1];
-            let maj = if r(s) >= 0.0 { 1.0f32 } else { -1.0 };
-            let (mut acc, mut div) = (0.0f32, 0.0f32);
-            for m in 0..2 {
-                let agree = wd[m] * maj > 0.0;
-                acc += if agree { wd[m] } else { 0.0 };
-                div += if agree { w[m] } else { 0.0 };
-            }
-            let v = r(acc);
-            let d = r(div);
-            let d = if d == 0.0 { 1.0 } else { d };
-            if nz { r(v / d) } else { v }
-        } else {
-            let v = r(0.0 + wd[0] + wd[1]);
-            if nz { r(v / plain_div) } else { v }
-        };
-        if let Some(l) = lam {
-            v = r(v * l);
-        }
-        o[j] = r(base[j] + v);
     }
 }
 

@@ -457,19 +457,18 @@ fn fused_any<R: crate::dtype::Rounding>(
 ) -> bool {
     match ms.len() {
         1 => fused::<1, R>(r, base, ms, weights, k, o),
-        2 if R::IS_BF16
-            && crate::simd::combine2_bf16(
-                base,
-                ms[0],
-                ms[1],
-                [weights[0], weights[1]],
-                k.sum,
-                k.normalize,
-                k.plain_div,
-                k.lam,
-                o,
-            ) => {}
-        2 => fused::<2, R>(r, base, ms, weights, k, o),
+        2 => {
+            // AVX-512 BF16 for whole vectors where it can, this loop for the rest
+            let done = if R::IS_BF16 {
+                let w = [weights[0], weights[1]];
+                let (sum, nz) = (k.sum, k.normalize);
+                crate::simd::combine2_bf16(base, ms[0], ms[1], w, sum, nz, k.plain_div, k.lam, o)
+            } else {
+                0
+            };
+            let rest = [&ms[0][done..], &ms[1][done..]];
+            fused::<2, R>(r, &base[done..], &rest, weights, k, &mut o[done..])
+        }
         3 => fused::<3, R>(r, base, ms, weights, k, o),
         4 => fused::<4, R>(r, base, ms, weights, k, o),
         _ => return false,
