@@ -170,6 +170,13 @@ fn combine2_bf16_v4(
     let one = _mm512_set1_ps(1.0);
     let pd = _mm512_set1_ps(plain_div);
     let lv = _mm512_set1_ps(lam.unwrap_or(1.0));
+    // the divisor of each agreement pattern, as the generic loop makes it
+    // (`bf16(0 + w0·[a0] + w1·[a1])`, 1 for 0)
+    let fix = |d: f32| if d == 0.0 { 1.0 } else { d };
+    let rd = crate::dtype::bf16_round;
+    let c0 = _mm512_set1_ps(fix(rd(0.0 + w[0])));
+    let c1 = _mm512_set1_ps(fix(rd(0.0 + w[1])));
+    let c01 = _mm512_set1_ps(fix(rd((0.0 + w[0]) + w[1])));
     let mut i = 0;
     while i < whole {
         // SAFETY: `i + 16 <= o.len()` and every slice holds that many.
@@ -180,23 +187,21 @@ fn combine2_bf16_v4(
             let wd1 = r16(_mm512_mul_ps(x1, w1));
             let mut v = if sum {
                 let s = _mm512_add_ps(_mm512_add_ps(zero, wd0), wd1);
-                // majority sign (zero counts as positive)
-                let pos = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(r16(s), zero);
+                // majority sign (zero counts as positive); `s` is a sum of
+                // two bfloat16 values, so it rounds to zero only when it is
+                // zero and its rounding keeps its sign
+                let pos = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(s, zero);
                 let maj = _mm512_mask_mov_ps(_mm512_set1_ps(-1.0), pos, one);
                 let a0 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_mul_ps(wd0, maj), zero);
                 let a1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_mul_ps(wd1, maj), zero);
-                let acc = _mm512_add_ps(
-                    _mm512_add_ps(zero, _mm512_maskz_mov_ps(a0, wd0)),
-                    _mm512_maskz_mov_ps(a1, wd1),
-                );
-                let div = _mm512_add_ps(
-                    _mm512_add_ps(zero, _mm512_maskz_mov_ps(a0, w0)),
-                    _mm512_maskz_mov_ps(a1, w1),
-                );
-                let v = r16(acc);
+                // the agreeing sum: both → bf16(s); one → its (bfloat16)
+                // term; none → 0
+                let both = a0 & a1;
+                let v = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(a0, wd0), a1 & !a0, wd1);
+                let v = _mm512_mask_mov_ps(v, both, r16(s));
                 if nz {
-                    let d = r16(div);
-                    let d = _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(d, zero), one);
+                    let d = _mm512_mask_mov_ps(_mm512_mask_mov_ps(one, a0, c0), a1 & !a0, c1);
+                    let d = _mm512_mask_mov_ps(d, both, c01);
                     r16(_mm512_div_ps(v, d))
                 } else {
                     v

@@ -609,6 +609,9 @@ mod tests {
                     vec![0.5f32, 0.3, 0.2, 0.1],
                     vec![1.0, -0.7, 0.0, 2.5],
                     vec![0.0; 4],
+                    // a signed zero; agreeing weights that sum to zero
+                    vec![-0.0, 0.5, 0.5, 0.5],
+                    vec![0.75, -0.75, 1.0, 1.0],
                 ] {
                     let w = &weights[..n];
                     for sum in [true, false] {
