@@ -861,16 +861,28 @@ pub fn abs_sums(d: &[f32], f: &[u8]) -> (f64, f64) {
     abs_sums_generic(d, f)
 }
 
+/// Lanes of the |x| sums: element `i` adds into lane `i % SUM_LANES`, so
+/// that an AVX-512 loop runs four independent chains of eight.
+const SUM_LANES: usize = 32;
+
 /// [`abs_sums`] in plain Rust (LLVM does not vectorise it well).
 fn abs_sums_generic(d: &[f32], f: &[u8]) -> (f64, f64) {
-    let (mut a, mut b) = ([0f64; 8], [0f64; 8]);
+    let (mut a, mut b) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
     let n = d.len().min(f.len());
     for (i, (x, k)) in d[..n].iter().zip(&f[..n]).enumerate() {
         let v = x.abs() as f64;
-        a[i % 8] += v;
-        b[i % 8] += if *k != 0 { v } else { 0.0 };
+        a[i % SUM_LANES] += v;
+        b[i % SUM_LANES] += if *k != 0 { v } else { 0.0 };
     }
-    (lanes(a), lanes(b))
+    (lanes32(&a), lanes32(&b))
+}
+
+/// Sums [`SUM_LANES`] lanes of f64 in a fixed order: four groups of eight
+/// (each by [`lanes`]), then the groups pairwise.
+#[inline(always)]
+fn lanes32(a: &[f64; SUM_LANES]) -> f64 {
+    let g = |k: usize| lanes(a[8 * k..8 * k + 8].try_into().expect("8 lanes"));
+    (g(0) + g(1)) + (g(2) + g(3))
 }
 
 /// [`abs_sums`] with AVX-512: lane `l` of the accumulators adds the same
@@ -880,33 +892,40 @@ fn abs_sums_generic(d: &[f32], f: &[u8]) -> (f64, f64) {
 fn abs_sums_v4(d: &[f32], f: &[u8]) -> (f64, f64) {
     use std::arch::x86_64::*;
     let n = d.len().min(f.len());
-    let whole = n / 8 * 8;
-    let mut a = _mm512_setzero_pd();
-    let mut b = _mm512_setzero_pd();
+    let whole = n / SUM_LANES * SUM_LANES;
+    let mut a = [_mm512_setzero_pd(); 4];
+    let mut b = [_mm512_setzero_pd(); 4];
     let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-    for (x, k) in d[..whole].chunks_exact(8).zip(f[..whole].chunks_exact(8)) {
-        // SAFETY: `x` holds 8 f32 and `k` 8 bytes (chunks_exact).
-        let x = unsafe { _mm256_loadu_ps(x.as_ptr()) };
-        let v = _mm512_cvtps_pd(_mm256_and_ps(x, absmask));
-        a = _mm512_add_pd(a, v);
-        let k8 = u64::from_le_bytes(k.try_into().expect("8"));
-        let kw = _mm512_cvtepu8_epi64(_mm_cvtsi64_si128(k8 as i64));
-        let m = _mm512_test_epi64_mask(kw, kw);
-        // +v where flagged; else unchanged, as adding +0.0 leaves it
-        b = _mm512_mask_add_pd(b, m, b, v);
+    for (x, k) in d[..whole]
+        .chunks_exact(SUM_LANES)
+        .zip(f[..whole].chunks_exact(SUM_LANES))
+    {
+        for q in 0..4 {
+            // SAFETY: `x` holds 32 f32 and `k` 32 bytes (chunks_exact).
+            let x = unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * q)) };
+            let v = _mm512_cvtps_pd(_mm256_and_ps(x, absmask));
+            a[q] = _mm512_add_pd(a[q], v);
+            let k8 = u64::from_le_bytes(k[8 * q..8 * q + 8].try_into().expect("8"));
+            let kw = _mm512_cvtepu8_epi64(_mm_cvtsi64_si128(k8 as i64));
+            let m = _mm512_test_epi64_mask(kw, kw);
+            // +v where flagged; else unchanged, as adding +0.0 leaves it
+            b[q] = _mm512_mask_add_pd(b[q], m, b[q], v);
+        }
     }
-    let (mut aa, mut bb) = ([0f64; 8], [0f64; 8]);
-    // SAFETY: 8 f64 each.
+    let (mut aa, mut bb) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
+    // SAFETY: 8 f64 per store, 32 in all.
     unsafe {
-        _mm512_storeu_pd(aa.as_mut_ptr(), a);
-        _mm512_storeu_pd(bb.as_mut_ptr(), b);
+        for q in 0..4 {
+            _mm512_storeu_pd(aa.as_mut_ptr().add(8 * q), a[q]);
+            _mm512_storeu_pd(bb.as_mut_ptr().add(8 * q), b[q]);
+        }
     }
     for (l, (x, k)) in d[whole..n].iter().zip(&f[whole..n]).enumerate() {
         let v = x.abs() as f64;
         aa[l] += v;
         bb[l] += if *k != 0 { v } else { 0.0 };
     }
-    (lanes(aa), lanes(bb))
+    (lanes32(&aa), lanes32(&bb))
 }
 
 /// (Σa², Σb², Σab) in f64 (products exact), element `i` into lane `i % 8`,
@@ -975,8 +994,8 @@ multiversion! {
     }
 }
 
-/// Σ|x| in f64, element `i` into lane `i % 8`, lanes combined by
-/// [`lanes`]: the per-block partial sum of [`crate::methods::sum_abs`]
+/// Σ|x| in f64, element `i` into lane `i % SUM_LANES`, lanes combined by
+/// [`lanes32`]: the per-block partial sum of [`crate::methods::sum_abs`]
 /// (equal to [`abs_sums`]' first value).
 pub fn abs_sum(d: &[f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
@@ -984,32 +1003,38 @@ pub fn abs_sum(d: &[f32]) -> f64 {
         // SAFETY: `level` checked that the CPU has AVX-512F.
         return unsafe { abs_sum_v4(d) };
     }
-    let mut a = [0f64; 8];
+    let mut a = [0f64; SUM_LANES];
     for (i, x) in d.iter().enumerate() {
-        a[i % 8] += x.abs() as f64;
+        a[i % SUM_LANES] += x.abs() as f64;
     }
-    lanes(a)
+    lanes32(&a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
 fn abs_sum_v4(d: &[f32]) -> f64 {
     use std::arch::x86_64::*;
-    let whole = d.len() / 8 * 8;
-    let mut a = _mm512_setzero_pd();
+    let whole = d.len() / SUM_LANES * SUM_LANES;
+    let mut a = [_mm512_setzero_pd(); 4];
     let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-    for x in d[..whole].chunks_exact(8) {
-        // SAFETY: `x` holds 8 f32 (chunks_exact).
-        let x = unsafe { _mm256_loadu_ps(x.as_ptr()) };
-        a = _mm512_add_pd(a, _mm512_cvtps_pd(_mm256_and_ps(x, absmask)));
+    for x in d[..whole].chunks_exact(SUM_LANES) {
+        for (q, acc) in a.iter_mut().enumerate() {
+            // SAFETY: `x` holds 32 f32 (chunks_exact).
+            let x = unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * q)) };
+            *acc = _mm512_add_pd(*acc, _mm512_cvtps_pd(_mm256_and_ps(x, absmask)));
+        }
     }
-    let mut aa = [0f64; 8];
-    // SAFETY: 8 f64.
-    unsafe { _mm512_storeu_pd(aa.as_mut_ptr(), a) };
+    let mut aa = [0f64; SUM_LANES];
+    // SAFETY: 8 f64 per store, 32 in all.
+    unsafe {
+        for (q, acc) in a.iter().enumerate() {
+            _mm512_storeu_pd(aa.as_mut_ptr().add(8 * q), *acc);
+        }
+    }
     for (l, x) in d[whole..].iter().enumerate() {
         aa[l] += x.abs() as f64;
     }
-    lanes(aa)
+    lanes32(&aa)
 }
 #[cfg(test)]
 mod tests {
@@ -1019,7 +1044,7 @@ mod tests {
     #[test]
     fn abs_sums_match_the_plain_definition() {
         let s = crate::rng::Stream::new(1, "sums", "x");
-        for n in [0usize, 1, 7, 8, 9, 63, 64, 65, 1000, 32768] {
+        for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 1000, 32768] {
             let d: Vec<f32> = (0..n as u64)
                 .map(|i| match i % 97 {
                     5 => 0.0,

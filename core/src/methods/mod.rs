@@ -438,7 +438,7 @@ pub fn sum_by(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
 }
 
 /// Deterministic parallel Σ|x| in f64: per-[`BLOCK`] partial sums
-/// ([`crate::simd::abs_sum`], eight lanes) combined in block order.
+/// ([`crate::simd::abs_sum`], 32 lanes) combined in block order.
 pub fn sum_abs(x: &[f32]) -> f64 {
     let parts: Vec<f64> = x.par_chunks(BLOCK).map(crate::simd::abs_sum).collect();
     parts.into_iter().sum()
