@@ -473,9 +473,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             });
         }
         let s = best.expect("at least one run");
-        if !a.keep {
-            remove_out(&j.out)?;
-        }
+        let mut agree = None;
         let mk = match &mergekit {
             Some(mk) => {
                 remove_out(&j.out_mk)?;
@@ -490,6 +488,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
                     failed = true;
                     report_failure("mergekit-yaml", j, &r);
                 }
+                if r.ok && s.ok {
+                    // the speed comparison holds only if the outputs agree
+                    agree = Some(
+                        agreement(&j.out, &j.out_mk, &model_dirs[0]).map_err(|e| format!("{e:#}")),
+                    );
+                }
                 if !a.keep {
                     remove_out(&j.out_mk)?;
                 }
@@ -497,7 +501,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             }
             None => None,
         };
-        rows.push((j, floor, s, mk));
+        if !a.keep {
+            remove_out(&j.out)?;
+        }
+        rows.push((j, floor, s, mk, agree));
     }
 
     // 5. The table.
@@ -513,7 +520,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     println!("{head}");
-    for (j, floor, s, mk) in &rows {
+    for (j, floor, s, mk, _) in &rows {
         let mut line = if s.ok {
             format!(
                 "{:<16} {:>9.2} {:>8.3} {:>8.3} {:>7.2} {:>12.0} {:>10.2}",
@@ -564,6 +571,37 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             ""
         }
     );
+    if rows.iter().any(|r| r.4.is_some()) {
+        println!();
+        println!(
+            "agreement with mergekit (same configurations): worst tensor's max|smelt - mk| / max|mk|; elements whose values differ; elements changed from the base, smelt / mk"
+        );
+        for (j, _, _, _, agree) in &rows {
+            match agree {
+                Some(Ok(g)) => println!(
+                    "{:<16} {:>10.3e}  {:>7.3} %  {:>7.3} % / {:>7.3} %   worst: {}",
+                    j.method,
+                    g.max_rel,
+                    pct(g.differ, g.total),
+                    pct(g.changed.0, g.changed.2),
+                    pct(g.changed.1, g.changed.2),
+                    if g.max_rel > 0.0 {
+                        g.worst.as_str()
+                    } else {
+                        "-"
+                    }
+                ),
+                Some(Err(e)) => {
+                    failed = true;
+                    println!("{:<16} DIFFERENT: {e}", j.method)
+                }
+                None => {}
+            }
+        }
+        println!(
+            "(top-k methods differ where |Δ| ties the threshold: torch breaks such ties arbitrarily; DARE/DELLA draw their masks from another generator, so their elements differ but the changed fractions agree)"
+        );
+    }
     if a.keep {
         println!("outputs kept in {}", outs.display());
     }
@@ -899,6 +937,100 @@ fn report_failure(what: &str, j: &Job, r: &ChildRun) {
     eprintln!("--- stderr ---\n{}", r.stderr.trim_end());
 }
 
+/// How a smelt output agrees with another merge's (mergekit's) of the
+/// same configuration.
+#[derive(Debug, Clone, PartialEq)]
+struct Agreement {
+    /// The worst tensor's max|a - b| / max|b|, and its name.
+    max_rel: f64,
+    worst: String,
+    /// Elements whose values differ, of `total`.
+    differ: u64,
+    total: u64,
+    /// Elements that differ from the base model's (in `a`, in `b`), of
+    /// the elements of tensors the base has.
+    changed: (u64, u64, u64),
+}
+
+fn pct(n: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        100.0 * n as f64 / of as f64
+    }
+}
+
+/// Compares the model in `a` with the one in `b` tensor by tensor (the same
+/// names, shapes and dtypes, or an error naming the first difference), and
+/// both with the base model in `base`.
+fn agreement(a: &Path, b: &Path, base: &Path) -> anyhow::Result<Agreement> {
+    use smelt_core::io::ModelTensors;
+    let ta = ModelTensors::open_dir(a, "smelt")?;
+    let tb = ModelTensors::open_dir(b, "other")?;
+    let tbase = ModelTensors::open_dir(base, "base")?;
+    let (na, nb): (Vec<&String>, Vec<&String>) =
+        (ta.tensors.keys().collect(), tb.tensors.keys().collect());
+    if na != nb {
+        let only_a = na.iter().find(|n| !tb.tensors.contains_key(**n));
+        let only_b = nb.iter().find(|n| !ta.tensors.contains_key(**n));
+        bail!(
+            "the tensor sets differ ({} vs {} tensors; only in {}: {:?}; only in {}: {:?})",
+            na.len(),
+            nb.len(),
+            a.display(),
+            only_a,
+            b.display(),
+            only_b
+        );
+    }
+    let mut g = Agreement {
+        max_rel: 0.0,
+        worst: String::new(),
+        differ: 0,
+        total: 0,
+        changed: (0, 0, 0),
+    };
+    for name in na {
+        let (la, lb) = (&ta.tensors[name], &tb.tensors[name]);
+        if la.shape != lb.shape || la.dtype != lb.dtype {
+            bail!(
+                "{name}: {:?} {:?} in {} but {:?} {:?} in {}",
+                la.dtype,
+                la.shape,
+                a.display(),
+                lb.dtype,
+                lb.shape,
+                b.display()
+            );
+        }
+        let (x, y) = (ta.read(name)?, tb.read(name)?);
+        let mut diff = 0f64;
+        let mut top = 0f64;
+        for (p, q) in x.data.iter().zip(&y.data) {
+            diff = diff.max((p - q).abs() as f64);
+            top = top.max(q.abs() as f64);
+            g.differ += (p.to_bits() != q.to_bits()) as u64;
+        }
+        g.total += x.data.len() as u64;
+        let rel = if top > 0.0 { diff / top } else { diff };
+        if rel > g.max_rel || g.worst.is_empty() {
+            g.max_rel = rel;
+            g.worst = name.clone();
+        }
+        if let Some(lbase) = tbase.tensors.get(name)
+            && lbase.shape == la.shape
+        {
+            let z = tbase.read(name)?;
+            for ((p, q), r) in x.data.iter().zip(&y.data).zip(&z.data) {
+                g.changed.0 += (p != r) as u64;
+                g.changed.1 += (q != r) as u64;
+            }
+            g.changed.2 += z.data.len() as u64;
+        }
+    }
+    Ok(g)
+}
+
 fn remove_out(p: &Path) -> anyhow::Result<()> {
     if p.is_dir() {
         std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))?;
@@ -990,6 +1122,57 @@ mod tests {
         assert!(!reports_free_pages("0x0005\n", off));
         assert!(!reports_free_pages("0x0002\n", on));
         assert!(!reports_free_pages("", ""));
+    }
+
+    /// A model agrees with itself; a fine-tune differs from the base where
+    /// its task vector is non-zero; a model missing a tensor is named.
+    #[test]
+    fn agreement_counts_differences_and_names_missing_tensors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = LlamaSpec {
+            layers: 1,
+            hidden: 64,
+            intermediate: 128,
+            vocab: 96,
+            heads: 1,
+            kv_heads: 1,
+            dtype: DType::BF16,
+            lm_head: true,
+            shard_bytes: 0,
+        };
+        write_family(tmp.path(), &spec, 7, 1, 0.01).unwrap();
+        let (base, ft) = (tmp.path().join("base"), tmp.path().join("ft1"));
+        let same = agreement(&ft, &ft, &base).unwrap();
+        assert_eq!((same.max_rel, same.differ), (0.0, 0));
+        assert!(same.total > 0 && same.changed.2 == same.total);
+        assert_eq!(same.changed.0, same.changed.1);
+        assert!(same.changed.0 > same.total / 2, "{same:?}");
+        let other = agreement(&ft, &base, &base).unwrap();
+        assert_eq!(other.differ, same.changed.0);
+        assert_eq!(other.changed.1, 0);
+        assert!(other.max_rel > 0.0 && !other.worst.is_empty());
+        // a family with tied embeddings: no `lm_head.weight`
+        let tied = tmp.path().join("tied");
+        write_family(
+            &tied,
+            &LlamaSpec {
+                lm_head: false,
+                ..spec
+            },
+            7,
+            1,
+            0.01,
+        )
+        .unwrap();
+        let missing = "lm_head.weight";
+        let e = format!(
+            "{:#}",
+            agreement(&ft, &tied.join("base"), &base).unwrap_err()
+        );
+        assert!(
+            e.contains(missing) && e.contains("tensor sets differ"),
+            "{e}"
+        );
     }
 
     #[test]
