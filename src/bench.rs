@@ -435,7 +435,20 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         floors.insert(key, f);
     }
 
-    // 4. The merges.
+    // 4. The merges: every smelt merge first, then mergekit's (its
+    // gigabytes of freed memory would otherwise slow the next smelt runs on
+    // a VM that hands freed memory back to its host).
+    let smelt_cmd = |j: &Job| {
+        let mut cmd = Command::new(&smelt);
+        cmd.arg("merge")
+            .arg(&j.config)
+            .arg(&j.out)
+            .args(["--quiet", "--overwrite"]);
+        if let Some(n) = a.threads {
+            cmd.arg("--threads").arg(n.to_string());
+        }
+        cmd
+    };
     let mut rows = Vec::new();
     let mut failed = false;
     for j in &jobs {
@@ -445,15 +458,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             remove_out(&j.out)?;
             read_ranges(&files, &j.ranges)?; // keep the inputs warm
             eprintln!("running smelt merge ({}) ...", j.method);
-            let mut cmd = Command::new(&smelt);
-            cmd.arg("merge")
-                .arg(&j.config)
-                .arg(&j.out)
-                .args(["--quiet", "--overwrite"]);
-            if let Some(n) = a.threads {
-                cmd.arg("--threads").arg(n.to_string());
-            }
-            let s = run_child(&mut cmd).context("running smelt merge")?;
+            let s = run_child(&mut smelt_cmd(j)).context("running smelt merge")?;
             if !s.ok {
                 failed = true;
                 report_failure("smelt merge", j, &s);
@@ -472,39 +477,37 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
                 }
             });
         }
-        let s = best.expect("at least one run");
-        let mut agree = None;
-        let mk = match &mergekit {
-            Some(mk) => {
-                remove_out(&j.out_mk)?;
-                read_ranges(&files, &j.ranges)?;
-                eprintln!("running mergekit-yaml ({}) ...", j.method);
-                let mut cmd = Command::new(mk);
-                cmd.arg(&j.config)
-                    .arg(&j.out_mk)
-                    .args(["--random-seed", "0"]);
-                let r = run_child(&mut cmd).context("running mergekit-yaml")?;
-                if !r.ok {
-                    failed = true;
-                    report_failure("mergekit-yaml", j, &r);
-                }
-                if r.ok && s.ok {
-                    // the speed comparison holds only if the outputs agree
-                    agree = Some(
-                        agreement(&j.out, &j.out_mk, &model_dirs[0]).map_err(|e| format!("{e:#}")),
-                    );
-                }
-                if !a.keep {
-                    remove_out(&j.out_mk)?;
-                }
-                Some(r)
-            }
-            None => None,
-        };
-        if !a.keep {
+        if !a.keep && mergekit.is_none() {
             remove_out(&j.out)?;
         }
-        rows.push((j, floor, s, mk, agree));
+        rows.push((j, floor, best.expect("at least one run"), None, None));
+    }
+    if let Some(mk) = &mergekit {
+        for (j, _, s, mk_run, agree) in rows.iter_mut() {
+            remove_out(&j.out_mk)?;
+            read_ranges(&files, &j.ranges)?;
+            eprintln!("running mergekit-yaml ({}) ...", j.method);
+            let mut cmd = Command::new(mk);
+            cmd.arg(&j.config)
+                .arg(&j.out_mk)
+                .args(["--random-seed", "0"]);
+            let r = run_child(&mut cmd).context("running mergekit-yaml")?;
+            if !r.ok {
+                failed = true;
+                report_failure("mergekit-yaml", j, &r);
+            }
+            if r.ok && s.ok {
+                // the speed comparison holds only if the outputs agree
+                *agree = Some(
+                    agreement(&j.out, &j.out_mk, &model_dirs[0]).map_err(|e| format!("{e:#}")),
+                );
+            }
+            if !a.keep {
+                remove_out(&j.out_mk)?;
+                remove_out(&j.out)?;
+            }
+            *mk_run = Some(r);
+        }
     }
 
     // 5. The table.
