@@ -870,6 +870,94 @@ fn bench_runs_end_to_end_with_repeats() {
     assert!(rss > 0.5 && rss < 200.0, "peak RSS {rss} MB:\n{out}");
 }
 
+/// `smelt bench --compare mergekit` against stand-ins for `mergekit-yaml`
+/// on PATH: smelt itself (identical outputs, whatever the method) and one
+/// that hands back the base model (every element differs where the merge
+/// changed it, none changed from the base). Every smelt merge runs before
+/// the first mergekit one.
+#[test]
+fn bench_compares_outputs_with_mergekit() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("fam");
+    let run = |script: &str| {
+        let bin = tmp.path().join(format!("bin-{}", script.len()));
+        std::fs::create_dir_all(&bin).unwrap();
+        let mk = bin.join("mergekit-yaml");
+        std::fs::write(&mk, script).unwrap();
+        std::fs::set_permissions(&mk, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let o = smelt()
+            .env("PATH", path)
+            .args(["bench", "--dir"])
+            .arg(&dir)
+            .args([
+                "--layers",
+                "1",
+                "--hidden",
+                "64",
+                "--intermediate",
+                "128",
+                "--vocab",
+                "256",
+                "--methods",
+                "linear,della",
+                "--repeat",
+                "1",
+                "--compare",
+                "mergekit",
+            ])
+            .output()
+            .unwrap();
+        assert_ok(&o);
+        let err = stderr(&o);
+        let last_smelt = err.rfind("running smelt merge").unwrap();
+        let first_mk = err.find("running mergekit-yaml").unwrap();
+        assert!(last_smelt < first_mk, "{err}");
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        let row = |m: &str| -> Vec<String> {
+            let after = out
+                .split("agreement with mergekit")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{out}"));
+            after
+                .lines()
+                .find(|l| l.starts_with(m))
+                .unwrap_or_else(|| panic!("no agreement row for {m}:\n{out}"))
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        };
+        (row("linear"), row("della"))
+    };
+    let smelt_bin = env!("CARGO_BIN_EXE_smelt");
+    // fields: method, max rel, differ %, "%", changed smelt %, "%", "/", changed mk %, "%", ...
+    let (lin, della) = run(&format!(
+        "#!/bin/sh\nexec '{smelt_bin}' merge \"$1\" \"$2\" --quiet\n"
+    ));
+    for r in [&lin, &della] {
+        assert_eq!(
+            (r[1].as_str(), r[2].as_str()),
+            ("0.000e0", "0.000"),
+            "{r:?}"
+        );
+        assert_eq!(r[4], r[7], "{r:?}");
+    }
+    let base = dir.join("base");
+    let (lin, _) = run(&format!(
+        "#!/bin/sh\nmkdir -p \"$2\" && cp -r '{}'/. \"$2\"\n",
+        base.display()
+    ));
+    let differ: f64 = lin[2].parse().unwrap();
+    let changed: f64 = lin[4].parse().unwrap();
+    assert!(differ > 50.0 && differ == changed, "{lin:?}");
+    assert_eq!(lin[7], "0.000", "{lin:?}");
+}
+
 /// A `smelt` process asked for its peak RSS (as `smelt bench` asks its
 /// children) writes its `VmHWM` in kB to the named file as it exits.
 #[test]
