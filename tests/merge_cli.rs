@@ -823,29 +823,30 @@ fn simd_kernels_give_the_same_bytes_as_baseline_ones() {
     }
 }
 
+/// `smelt bench` on a one-layer family of hidden size 64 in `dir`.
+fn tiny_bench(dir: &Path) -> std::process::Command {
+    let mut c = smelt();
+    c.args(["bench", "--dir"]).arg(dir).args([
+        "--layers",
+        "1",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "128",
+        "--vocab",
+        "256",
+    ]);
+    c
+}
+
 /// `smelt bench` end to end on a tiny family: generates it, measures the
 /// floor, runs each method `--repeat` times and prints a row per method.
 #[test]
 fn bench_runs_end_to_end_with_repeats() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("fam");
-    let o = smelt()
-        .args(["bench", "--dir"])
-        .arg(&dir)
-        .args([
-            "--layers",
-            "1",
-            "--hidden",
-            "64",
-            "--intermediate",
-            "128",
-            "--vocab",
-            "256",
-            "--methods",
-            "linear,ties",
-            "--repeat",
-            "2",
-        ])
+    let o = tiny_bench(&dir)
+        .args(["--methods", "linear,ties", "--repeat", "2"])
         .output()
         .unwrap();
     assert_ok(&o);
@@ -891,26 +892,10 @@ fn bench_compares_outputs_with_mergekit() {
             bin.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let o = smelt()
+        let o = tiny_bench(&dir)
             .env("PATH", path)
-            .args(["bench", "--dir"])
-            .arg(&dir)
-            .args([
-                "--layers",
-                "1",
-                "--hidden",
-                "64",
-                "--intermediate",
-                "128",
-                "--vocab",
-                "256",
-                "--methods",
-                "linear,della",
-                "--repeat",
-                "1",
-                "--compare",
-                "mergekit",
-            ])
+            .args(["--methods", "linear,della", "--repeat", "1"])
+            .args(["--compare", "mergekit"])
             .output()
             .unwrap();
         assert_ok(&o);
