@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Writes the tiny non-Llama fixture models of tests/conformance/models
+(session 12): qwen2_*, gemma2_*, llamatied_* (a base and two fine-tunes
+each, random init with torch seed 0, each fine-tune = base + N(0, 0.02)
+noise on every parameter) and llamabin_ft1 (llama_ft1 saved as a PyTorch
+pickle, pytorch_model.bin). Needs torch and transformers (5.24 was used).
+Run from tests/conformance: python3 make_arch_models.py"""
+import os
+import shutil
+
+import torch
+import transformers
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+TOK = "models/llama_base"
+
+
+def make(name, cfg, n_ft=2, scale=0.02):
+    model = AutoModelForCausalLM.from_config(cfg)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(n_ft + 1):
+        d = f"models/{name}_{'base' if i == 0 else 'ft%d' % i}"
+        if i > 0:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * scale)
+        model.save_pretrained(d)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(TOK, f), d)
+        if i > 0:
+            model.load_state_dict(sd)
+
+
+torch.manual_seed(0)
+common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+make("qwen2", transformers.Qwen2Config(**common, tie_word_embeddings=False))
+make("gemma2", transformers.Gemma2Config(**common, head_dim=16))
+# a mistral family was generated here too (and passed); it is not kept
+# (llama-shaped), but making it keeps the random stream of the next family
+make("mistral_unused", transformers.MistralConfig(**common))
+for s in ("base", "ft1", "ft2"):
+    shutil.rmtree(f"models/mistral_unused_{s}")
+make("llamatied", transformers.LlamaConfig(**common, tie_word_embeddings=True))
+
+d = "models/llamabin_ft1"
+os.makedirs(d, exist_ok=True)
+torch.save(load_file("models/llama_ft1/model.safetensors"), f"{d}/pytorch_model.bin")
+for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(f"models/llama_ft1/{f}", d)
