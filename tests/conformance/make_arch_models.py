@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Writes the tiny non-Llama fixture models of tests/conformance/models
-(session 12): qwen2_*, gemma2_*, llamatied_* (a base and two fine-tunes
-each, random init with torch seed 0, each fine-tune = base + N(0, 0.02)
-noise on every parameter) and llamabin_ft1 (llama_ft1 saved as a PyTorch
-pickle, pytorch_model.bin). Needs torch and transformers (5.24 was used).
-Run from tests/conformance: python3 make_arch_models.py"""
+"""Writes the tiny fixture models of tests/conformance/models added in
+session 12: qwen2_*, gemma2_*, llamatied_*, mixtral_* (a base and two
+fine-tunes each, random init, each fine-tune = base + N(0, 0.02) noise on
+every parameter), llamabin_ft1 (llama_ft1 saved as a PyTorch pickle,
+pytorch_model.bin) and lora_llama (a rank-4 PEFT LoRA adapter on
+llama_base's q/v/down projections, random init). Needs torch, transformers
+(5.24 was used) and peft (0.21.2). Run from tests/conformance:
+python3 make_arch_models.py"""
 import os
 import shutil
 
@@ -43,6 +45,21 @@ make("mistral_unused", transformers.MistralConfig(**common))
 for s in ("base", "ft1", "ft2"):
     shutil.rmtree(f"models/mistral_unused_{s}")
 make("llamatied", transformers.LlamaConfig(**common, tie_word_embeddings=True))
+
+# seed 1: Mixtral (kept), Qwen3 and Gemma 3 (made, passed, not kept), LoRA
+torch.manual_seed(1)
+make("mixtral", transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))
+for name, cfg in (("qwen3_unused", transformers.Qwen3Config(**common, head_dim=16)),
+                  ("gemma3_unused", transformers.Gemma3TextConfig(**common, head_dim=16))):
+    make(name, cfg)
+    for s in ("base", "ft1", "ft2"):
+        shutil.rmtree(f"models/{name}_{s}")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+base = AutoModelForCausalLM.from_pretrained("models/llama_base")
+lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                  lora_dropout=0.0, init_lora_weights=False)
+get_peft_model(base, lora).save_pretrained("models/lora_llama")
 
 d = "models/llamabin_ft1"
 os.makedirs(d, exist_ok=True)
