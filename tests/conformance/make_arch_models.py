@@ -66,3 +66,28 @@ os.makedirs(d, exist_ok=True)
 torch.save(load_file("models/llama_ft1/model.safetensors"), f"{d}/pytorch_model.bin")
 for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
     shutil.copy(f"models/llama_ft1/{f}", d)
+
+# llama_ft1 with 8 more vocabulary rows (embeddings and lm_head, N(0, 0.02)
+# from generator seed 5) and 8 added tokens <extra_0..7> (ids 256-263)
+import json  # noqa: E402
+
+from safetensors.torch import save_file  # noqa: E402
+
+d = "models/llama_ft1_vocab264"
+os.makedirs(d, exist_ok=True)
+sd = load_file("models/llama_ft1/model.safetensors")
+g = torch.Generator().manual_seed(5)
+for k in ("model.embed_tokens.weight", "lm_head.weight"):
+    t = sd[k]
+    sd[k] = torch.cat([t, (torch.randn(8, t.shape[1], generator=g) * 0.02).to(t.dtype)], 0)
+save_file(sd, f"{d}/model.safetensors", metadata={"format": "pt"})
+c = json.load(open("models/llama_ft1/config.json"))
+c["vocab_size"] = 264
+json.dump(c, open(f"{d}/config.json", "w"), indent=2)
+t = json.load(open("models/llama_ft1/tokenizer.json"))
+for i in range(8):
+    t["added_tokens"].append({"id": 256 + i, "content": f"<extra_{i}>", "single_word": False,
+                              "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+json.dump(t, open(f"{d}/tokenizer.json", "w"))
+shutil.copy("models/llama_ft1/tokenizer_config.json", d)
+
