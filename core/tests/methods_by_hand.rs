@@ -656,10 +656,14 @@ fn breadcrumbs_counts() {
 }
 
 #[test]
-fn breadcrumbs_gamma_times_n_below_one_zeroes_everything() {
-    // Default gamma 0.01: top = floor(0.08) = 0 → sorted[bot:-0] is empty.
-    assert_eq!(breadcrumbs("breadcrumbs", 0.5, None), vec![0.0; 8]);
-    assert_eq!(breadcrumbs("breadcrumbs", 0.5, Some(0.1)), vec![0.0; 8]);
+fn breadcrumbs_gamma_times_n_below_one_keeps_the_largest() {
+    // Default gamma 0.01: top = floor(0.08) = 0, bot = 4 → mergekit 0.1.5
+    // keeps sorted[4:8], the four largest magnitudes (its own output for
+    // this Δ: [5, -8, 0, 7, -0, 0, -6, 0]; the spec read `sorted[bot:-0]`,
+    // an empty slice that zeroed everything).
+    let largest4 = vec![5.0, -8.0, 0.0, 7.0, 0.0, 0.0, -6.0, 0.0];
+    assert_eq!(breadcrumbs("breadcrumbs", 0.5, None), largest4);
+    assert_eq!(breadcrumbs("breadcrumbs", 0.5, Some(0.1)), largest4);
     // density 1 (the default) prunes nothing at all.
     assert_eq!(breadcrumbs("breadcrumbs", 1.0, None), BC_DELTA.to_vec());
 }
@@ -724,6 +728,15 @@ fn ties_and_dare_ties_density_one() {
         ta("dare_ties", &[("normalize", 1.0)], 1.0),
         ta("ties", &[], 1.0)
     );
+}
+
+#[test]
+fn ties_keeps_at_least_one_element() {
+    // density 0.1 of 4 elements: floor(0.4) = 0, and mergekit 0.1.5 keeps
+    // max(1, 0) = 1 — the largest |Δ| of each model: Δ1 keeps 2 (index 2),
+    // Δ2 keeps 2 (index 1, weighted 1); each position has one agreeing
+    // model, normalised by its weight → base + (0, 2, 2, 0).
+    assert_eq!(ta("ties", &[], 0.1), vec![1.0, 3.0, 3.0, 1.0]);
 }
 
 #[test]

@@ -157,7 +157,8 @@ impl MergeMethod for GeneralizedTaskArithmetic {
                 continue;
             }
             match self.sparsify {
-                Sparsify::DellaMagprune => {
+                // density ≤ 0 zeroes the task vector before epsilon is checked
+                Sparsify::DellaMagprune if density > 0.0 => {
                     let eps = pm.get("epsilon").copied().unwrap_or(0.15);
                     if !(density - eps > 0.0 && density + eps < 1.0) {
                         return Err(format!(
@@ -165,12 +166,6 @@ impl MergeMethod for GeneralizedTaskArithmetic {
                             cx.labels[i]
                         ));
                     }
-                }
-                Sparsify::Magnitude if (density * cx.numel as f64) as usize == 0 => {
-                    return Err(format!(
-                        "density {density} for model {} keeps no element of this {}-element tensor",
-                        cx.labels[i], cx.numel
-                    ));
                 }
                 _ => {}
             }
@@ -221,7 +216,7 @@ impl MergeMethod for GeneralizedTaskArithmetic {
             let stream = Stream::new(seed, name, &format!("{}:{k}", self.name));
             let d = match self.sparsify {
                 Sparsify::None => d,
-                Sparsify::Magnitude => sparsify::magnitude(&d, density, rescale, dt, name)?,
+                Sparsify::Magnitude => sparsify::magnitude(&d, density, rescale, dt),
                 Sparsify::Random => sparsify::bernoulli(&d, density, rescale, dt, stream),
                 Sparsify::MagnitudeOutliers => {
                     sparsify::magnitude_outliers(&d, density, gamma, rescale, dt)

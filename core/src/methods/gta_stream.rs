@@ -168,15 +168,7 @@ impl GeneralizedTaskArithmetic {
                 match self.sparsify {
                     Sparsify::None => Sp::Keep,
                     Sparsify::Magnitude => {
-                        let kk = (density * n as f64) as usize;
-                        if kk == 0 {
-                            return Err(Error::tensor(
-                                name,
-                                format!(
-                                    "density {density} keeps no element of {n} (mergekit refuses to zero out a whole tensor)"
-                                ),
-                            ));
-                        }
+                        let kk = sparsify::magnitude_k(n, density);
                         sels.push(Sel {
                             model: k,
                             kind: KeyKind::Abs,
@@ -197,21 +189,19 @@ impl GeneralizedTaskArithmetic {
                             top += bot;
                             bot = 0;
                         }
-                        if top <= 0 {
-                            Sp::Zero
-                        } else {
-                            sels.push(Sel {
-                                model: k,
-                                kind: KeyKind::NotAbs,
-                                s: Selection::new(n, bot as usize, true),
-                            });
-                            sels.push(Sel {
-                                model: k,
-                                kind: KeyKind::Abs,
-                                s: Selection::new(n, top as usize, false),
-                            });
-                            Sp::Outliers(sels.len() - 2, sels.len() - 1)
-                        }
+                        // mergekit 0.1.5 keeps the sorted range [bot, bot + keep)
+                        // (with no outliers to drop, the largest `keep`)
+                        sels.push(Sel {
+                            model: k,
+                            kind: KeyKind::NotAbs,
+                            s: Selection::new(n, bot as usize, true),
+                        });
+                        sels.push(Sel {
+                            model: k,
+                            kind: KeyKind::Abs,
+                            s: Selection::new(n, top.max(0) as usize, false),
+                        });
+                        Sp::Outliers(sels.len() - 2, sels.len() - 1)
                     }
                     Sparsify::DellaMagprune => {
                         if density <= 0.0 {

@@ -141,29 +141,24 @@ pub fn top_k_mask(delta: &[f32], k: usize) -> Vec<bool> {
     select_largest(delta.len(), k, |i| abs_key(delta[i]), true)
 }
 
-/// TIES magnitude pruning: keep the `floor(density·n)` largest magnitudes.
-pub fn magnitude(
-    delta: &[f32],
-    density: f64,
-    rescale: bool,
-    dt: DType,
-    name: &str,
-) -> Result<Vec<f32>> {
+/// How many elements TIES magnitude pruning keeps of `n` at `density` < 1:
+/// `max(1, floor(density·n))` — at least one of a non-empty tensor — and
+/// none at `density` ≤ 0 (mergekit 0.1.5's `magnitude`).
+pub fn magnitude_k(n: usize, density: f64) -> usize {
+    if density <= 0.0 || n == 0 {
+        0
+    } else {
+        ((density * n as f64) as usize).max(1)
+    }
+}
+
+/// TIES magnitude pruning: keep the [`magnitude_k`] largest magnitudes.
+pub fn magnitude(delta: &[f32], density: f64, rescale: bool, dt: DType) -> Vec<f32> {
     if density >= 1.0 {
-        return Ok(delta.to_vec());
+        return delta.to_vec();
     }
-    let k = (density * delta.len() as f64) as usize;
-    if k == 0 {
-        return Err(Error::tensor(
-            name,
-            format!(
-                "density {density} keeps no element of {} (mergekit refuses to zero out a whole tensor)",
-                delta.len()
-            ),
-        ));
-    }
-    let mask = top_k_mask(delta, k);
-    Ok(masked(delta, |i| mask[i], rescale, dt))
+    let mask = top_k_mask(delta, magnitude_k(delta.len(), density));
+    masked(delta, |i| mask[i], rescale, dt)
 }
 
 /// DARE: keep each element with probability `density`.
@@ -189,8 +184,8 @@ pub fn bernoulli(
 }
 
 /// Breadcrumbs: drop the smallest and the `gamma` fraction of largest
-/// magnitudes, keeping `floor(density·n)` (mergekit's empty-slice quirk kept:
-/// when the top count is 0 everything is dropped).
+/// magnitudes, keeping `floor(density·n)` (mergekit 0.1.5 keeps the sorted
+/// range `[bot, bot + keep)`: with no outliers to drop, the largest `keep`).
 pub fn magnitude_outliers(
     delta: &[f32],
     density: f64,
@@ -208,10 +203,6 @@ pub fn magnitude_outliers(
     if bot < 0 {
         top += bot;
         bot = 0;
-    }
-    if top <= 0 {
-        // python `sorted[bot:-0]` is empty
-        return masked(delta, |_| false, rescale, dt);
     }
     // ascending stable order: the bottom `bot` (ties: lower index first) and
     // the top `top` (ties: higher index first) are dropped
@@ -359,10 +350,32 @@ mod tests {
     #[test]
     fn magnitude_keeps_exact_count_and_largest() {
         let d = data(8192);
-        let out = magnitude(&d, 0.5, false, DType::F32, "t").unwrap();
+        let out = magnitude(&d, 0.5, false, DType::F32);
         assert_eq!(out.iter().filter(|x| **x != 0.0).count(), 4096);
-        assert_eq!(magnitude(&d, 1.0, false, DType::F32, "t").unwrap(), d);
-        assert!(magnitude(&d, 0.0, false, DType::F32, "t").is_err());
+        assert_eq!(magnitude(&d, 1.0, false, DType::F32), d);
+        // mergekit 0.1.5: nothing at density ≤ 0, at least one element else
+        assert!(
+            magnitude(&d, 0.0, false, DType::F32)
+                .iter()
+                .all(|x| *x == 0.0)
+        );
+        assert!(
+            magnitude(&d, -0.5, false, DType::F32)
+                .iter()
+                .all(|x| *x == 0.0)
+        );
+        let one = magnitude(&d[..64], 0.01, false, DType::F32);
+        let kept: Vec<usize> = (0..64).filter(|i| one[*i] != 0.0).collect();
+        let top = (0..64).max_by(|a, b| d[*a].abs().total_cmp(&d[*b].abs()).then(b.cmp(a)));
+        assert_eq!(kept, vec![top.unwrap()]);
+        assert_eq!(
+            (
+                magnitude_k(64, 0.01),
+                magnitude_k(64, 0.0),
+                magnitude_k(0, 0.5)
+            ),
+            (1, 0, 0)
+        );
         let min_kept = out
             .iter()
             .filter(|x| **x != 0.0)
@@ -378,7 +391,7 @@ mod tests {
     }
 
     #[test]
-    fn outliers_keep_count_and_quirk() {
+    fn outliers_keep_count_and_small_tensors() {
         let d = data(8192);
         for density in [0.1, 0.3, 0.5, 0.9] {
             let out = magnitude_outliers(&d, density, 0.1 * (1.0 - density), false, DType::F32);
@@ -389,12 +402,12 @@ mod tests {
                 "{density}: {nz}"
             );
         }
+        // floor(0.01·50) = 0 outliers: mergekit 0.1.5 keeps the 25 largest
+        // (the spec's reading, an empty slice, zeroed them all)
         let small = data(50);
-        assert!(
-            magnitude_outliers(&small, 0.5, 0.01, false, DType::F32)
-                .iter()
-                .all(|x| *x == 0.0)
-        );
+        let out = magnitude_outliers(&small, 0.5, 0.01, false, DType::F32);
+        assert_eq!(out, magnitude(&small, 0.5, false, DType::F32));
+        assert_eq!(out.iter().filter(|x| **x != 0.0).count(), 25);
     }
 
     #[test]
