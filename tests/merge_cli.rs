@@ -158,6 +158,9 @@ fn sharded_inputs_and_outputs() {
     // write order: ascending input name (lm_head first, layers.0 before layers.1)
     let order: Vec<&String> = wm.keys().collect();
     assert_eq!(order[0], "lm_head.weight");
+    // what mergekit 0.1.5 writes there (its own sharded output, generated
+    // with `--out-shard-size 200K`: `"mergekit_version": "0.1.5"`)
+    assert_eq!(index["metadata"]["mergekit_version"], "0.1.5");
     assert_eq!(
         index["metadata"]["total_size"].as_u64().unwrap() as usize,
         read_model(&whole)

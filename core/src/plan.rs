@@ -193,7 +193,7 @@ impl MergePlan {
             }
         }
         Some(serde_json::json!({
-            "metadata": {"total_size": self.total_bytes(), "mergekit_version": "0.1.4"},
+            "metadata": {"total_size": self.total_bytes(), "mergekit_version": "0.1.5"},
             "weight_map": Value::Object(wm),
         }))
     }
