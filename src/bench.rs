@@ -354,7 +354,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         let mut ranges = Vec::new();
         let mut models = Vec::new();
         for t in &plan.tensors {
-            for inp in t.inputs.iter().chain(&t.extra_inputs) {
+            for inp in &t.inputs {
                 let loc = PathBuf::from(&plan.models[inp.model].location);
                 let label = loc
                     .file_name()

@@ -86,6 +86,7 @@ macro_rules! flag_pair {
 
 flag_pair! {
     allow_crimes, no_allow_crimes, "allow-crimes", "no-allow-crimes", "Allow mixing architectures";
+    unsafe_truncate_embeddings, no_unsafe_truncate_embeddings, "unsafe-truncate-embeddings", "no-unsafe-truncate-embeddings", "Accepted for mergekit 0.1.5 compatibility: differing vocabulary sizes without a tokenizer config are cut to the common rows either way, with a warning (mergekit refuses them without this flag)";
     cuda, no_cuda, "cuda", "no-cuda", "Accepted for mergekit compatibility (smelt merges on the CPU)";
     low_cpu_memory, no_low_cpu_memory, "low-cpu-memory", "no-low-cpu-memory", "Accepted for compatibility (smelt's memory is bounded anyway)";
     copy_tokenizer, no_copy_tokenizer, "copy-tokenizer", "no-copy-tokenizer", "Copy the donor's tokenizer files (default on)";

@@ -99,13 +99,31 @@ impl fmt::Display for ModelRef {
 /// A parameter value: scalar, gradient, or filtered list (spec §1.3).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ParamSetting {
-    Scalar(f64),
-    Gradient(Vec<f64>),
-    /// A list of `{filter, value}` entries, first match wins.
+    Scalar(Scalar),
+    /// A gradient (interpolated for numeric parameters, picked for boolean
+    /// ones). Empty: not set here (mergekit 0.1.5 falls through to the next
+    /// level).
+    Gradient(Vec<Scalar>),
+    /// A list of `{filter, value}` entries, first match wins (a bare
+    /// `{filter, value}` mapping is a list of one, as in mergekit 0.1.5).
     Conditional(Vec<ConditionalParam>),
-    /// A bare `{filter, value}` mapping: parses, but mergekit cannot evaluate
-    /// it; smelt reports it as an error when it is used.
-    Bare(ConditionalParam),
+}
+
+/// One value as written in the YAML, checked against the parameter's type
+/// when it is evaluated (mergekit 0.1.5 validates with pydantic's lax
+/// rules: `"0.5"` is a float, `"false"` / `0` a boolean, `2` is not).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Scalar {
+    Num(f64),
+    Bool(bool),
+    /// A string that reads as a number or a boolean word.
+    Str(String),
+}
+
+impl From<f64> for Scalar {
+    fn from(v: f64) -> Scalar {
+        Scalar::Num(v)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -324,22 +342,29 @@ impl Ctx<'_> {
         }
     }
 
-    fn number(&self, v: &Value, field: &str) -> Result<f64> {
+    fn scalar(&self, v: &Value, field: &str) -> Result<Scalar> {
         match v {
             Value::Number(n) => n
                 .as_f64()
+                .map(Scalar::Num)
                 .ok_or_else(|| self.err(field, "number out of range")),
-            Value::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
+            Value::Bool(b) => Ok(Scalar::Bool(*b)),
             Value::String(s) if matches!(s.as_str(), ".nan" | ".inf" | "-.inf" | "+.inf") => {
                 Err(self.err(
                     field,
                     format!("{s} is not allowed: parameters must be finite numbers"),
                 ))
             }
+            Value::String(s)
+                if crate::params::str_number(s).is_some()
+                    || crate::params::str_bool(s).is_some() =>
+            {
+                Ok(Scalar::Str(s.clone()))
+            }
             _ => Err(self.err(
                 field,
                 format!(
-                    "expected a number (or list / filtered list), found {}",
+                    "expected a number or true/false (or a list / filtered list), found {}",
                     kind(v)
                 ),
             )),
@@ -349,14 +374,12 @@ impl Ctx<'_> {
     fn setting(&mut self, v: &Value, field: &str) -> Result<ParamSetting> {
         match v {
             Value::Array(items) => {
-                if items.is_empty() {
-                    return Err(self.err(field, "empty list"));
-                }
                 if items.iter().all(|i| !i.is_object()) {
+                    // empty: not set at this level
                     let g = items
                         .iter()
                         .enumerate()
-                        .map(|(i, x)| self.number(x, &format!("{field}[{i}]")))
+                        .map(|(i, x)| self.scalar(x, &format!("{field}[{i}]")))
                         .collect::<Result<Vec<_>>>()?;
                     Ok(ParamSetting::Gradient(g))
                 } else {
@@ -379,8 +402,8 @@ impl Ctx<'_> {
                     Ok(ParamSetting::Conditional(out))
                 }
             }
-            Value::Object(_) => Ok(ParamSetting::Bare(self.conditional(v, field)?)),
-            _ => Ok(ParamSetting::Scalar(self.number(v, field)?)),
+            Value::Object(_) => Ok(ParamSetting::Conditional(vec![self.conditional(v, field)?])),
+            _ => Ok(ParamSetting::Scalar(self.scalar(v, field)?)),
         }
     }
 
@@ -395,14 +418,14 @@ impl Ctx<'_> {
             .get("value")
             .ok_or_else(|| self.err(field, "conditional parameter needs `value`"))?;
         let value = match value {
-            Value::Array(_) | Value::Number(_) | Value::Bool(_) => {
+            Value::Array(_) | Value::Number(_) | Value::Bool(_) | Value::String(_) => {
                 self.setting(value, &format!("{field}.value"))?
             }
             _ => {
                 return Err(self.err(
                     &format!("{field}.value"),
                     format!(
-                        "expected a number or a list of numbers, found {}",
+                        "expected a number, true/false or a list of them, found {}",
                         kind(value)
                     ),
                 ));
@@ -442,7 +465,7 @@ impl Ctx<'_> {
                     self.err(
                         field,
                         format!(
-                            "unknown dtype {s:?} (expected bfloat16, float16, float32 or int64)"
+                            "unknown dtype {s:?} (expected bfloat16, float16, float32, float64 or int64)"
                         ),
                     )
                 })
@@ -823,14 +846,14 @@ extra_key: 1
         };
         assert_eq!(
             ms[0].parameters["weight"],
-            ParamSetting::Gradient(vec![0.0, 0.5, 1.0])
+            ParamSetting::Gradient(vec![0.0.into(), 0.5.into(), 1.0.into()])
         );
         assert_eq!(ms[1].model.revision.as_deref(), Some("rev"));
         assert_eq!(ms[1].model.lora.as_ref().unwrap().path, "lora");
         match &ms[1].parameters["weight"] {
             ParamSetting::Conditional(v) => {
                 assert_eq!(v[0].filter.as_deref(), Some("mlp"));
-                assert_eq!(*v[1].value, ParamSetting::Scalar(1.0));
+                assert_eq!(*v[1].value, ParamSetting::Scalar(Scalar::Bool(true)));
             }
             other => panic!("{other:?}"),
         }

@@ -58,14 +58,18 @@ impl DType {
     }
 
     /// Parses a mergekit / torch dtype name (`bfloat16`, `torch.float16`, ...).
-    /// mergekit accepts bfloat16, float16, float32 and int64 (spec §1.4); smelt
-    /// also takes the common aliases `bf16`, `fp16`, `half`, `float`, `fp32`.
+    /// mergekit 0.1.5 accepts bfloat16, float16, float32, float64 and int64;
+    /// smelt also takes the common aliases `bf16`, `fp16`, `half`, `float`,
+    /// `fp32`, `double`. float64 tensors are read and written as such, but
+    /// smelt's kernels compute in f32 (relative error ~1e-7, well inside the
+    /// conformance tolerance).
     pub fn from_config_name(s: &str) -> Option<DType> {
         let s = s.strip_prefix("torch.").unwrap_or(s);
         Some(match s {
             "bfloat16" | "bf16" => DType::BF16,
             "float16" | "fp16" | "half" => DType::F16,
             "float32" | "fp32" | "float" => DType::F32,
+            "float64" | "double" => DType::F64,
             "int64" => DType::I64,
             _ => return None,
         })
@@ -93,6 +97,33 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 | DType::I16 => 2,
             DType::I8 | DType::U8 | DType::Bool => 1,
+        }
+    }
+
+    /// The type torch gives an operation on `self` and `other`
+    /// (`torch.promote_types`): the wider float; bfloat16 with float16 is
+    /// float32; a float with an integer is the float; integers widen.
+    pub fn promote(self, other: DType) -> DType {
+        use DType::*;
+        if self == other {
+            return self;
+        }
+        let rank = |d: DType| match d {
+            Bool => 0,
+            U8 => 1,
+            I8 => 2,
+            I16 => 3,
+            I32 => 4,
+            I64 => 5,
+            F16 | BF16 => 6,
+            F32 => 7,
+            F64 => 8,
+        };
+        match (self, other) {
+            (F16, BF16) | (BF16, F16) => F32,
+            (U8, I8) | (I8, U8) => I16,
+            _ if rank(self) >= rank(other) => self,
+            _ => other,
         }
     }
 
@@ -233,6 +264,21 @@ pub fn bf16_round(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn promotion_follows_torch() {
+        use DType::*;
+        // torch.promote_types
+        assert_eq!(BF16.promote(F16), F32);
+        assert_eq!(F16.promote(BF16), F32);
+        assert_eq!(BF16.promote(F32), F32);
+        assert_eq!(F32.promote(F16), F32);
+        assert_eq!(F32.promote(F64), F64);
+        assert_eq!(BF16.promote(BF16), BF16);
+        assert_eq!(I64.promote(BF16), BF16);
+        assert_eq!(U8.promote(I8), I16);
+        assert_eq!(I32.promote(I64), I64);
+    }
 
     #[test]
     fn bf16_rounding_matches_half() {

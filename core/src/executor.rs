@@ -116,13 +116,12 @@ pub fn compute_rows(
         for (inp, t) in task.inputs.iter().zip(tensors.drain(..)) {
             mats.insert(inp.model, t);
         }
-        for inp in &task.extra_inputs {
-            mats.insert(inp.model, read_input(task, inp, models)?);
-        }
         tensors = task
             .inputs
             .iter()
-            .map(|inp| crate::tokenizer::permute(p, inp.model, &mats, &task.name))
+            .map(|inp| {
+                crate::tokenizer::permute(p, &task.vocab_defaults, inp.model, &mats, &task.name)
+            })
             .collect::<Result<Vec<_>>>()?;
     }
     let job = MergeJob {

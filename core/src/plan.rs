@@ -86,10 +86,10 @@ pub struct TensorTask {
     /// Re-index inputs to the merged tokenizer's vocabulary first.
     #[serde(default)]
     pub permute: bool,
-    /// Embedding matrices of models outside `inputs` that permutation
-    /// defaults draw rows from.
+    /// With `permute`: each output token's fallback row, chosen from this
+    /// tensor's inputs ([`crate::tokenizer::EmbedPermutation::defaults_for`]).
     #[serde(default)]
-    pub extra_inputs: Vec<TaskInput>,
+    pub vocab_defaults: Vec<crate::tokenizer::DefaultRow>,
 }
 
 impl TensorTask {
@@ -380,6 +380,33 @@ pub fn plan_merge(
             msg: format!("merge method {} requires a base_model", method.name()),
         });
     }
+    // each slice's inputs against the method's contract (mergekit 0.1.5
+    // checks this before planning any tensor)
+    for (si, s) in slices.iter().enumerate() {
+        let field = match &cfg.body {
+            MergeBody::Models(_) => "models".to_string(),
+            MergeBody::Slices(_) => format!("slices[{si}].sources"),
+        };
+        let bad = |msg: String| Error::Config {
+            file: cfg.file.clone(),
+            field: field.clone(),
+            msg,
+        };
+        let uses_base = method.base_use() != BaseUse::Unused;
+        let has_base = uses_base && s.base.is_some_and(|b| s.sources.iter().any(|x| x.0 == b));
+        if uses_base && let Some(b) = s.base.filter(|_| !has_base) {
+            return Err(bad(format!(
+                "base model {} is not among the inputs of this slice (merge method {})",
+                models[b].reference,
+                method.name()
+            )));
+        }
+        let n = s.sources.len();
+        method
+            .input_counts()
+            .check(n, n - has_base as usize)
+            .map_err(|e| bad(format!("merge method {} {e}", method.name())))?;
+    }
 
     // --- output config (spec §3.2)
     let donor = top_base.unwrap_or(0);
@@ -399,7 +426,12 @@ pub fn plan_merge(
             total
         }
     };
-    if let Some(dt) = cfg.out_dtype.or(cfg.dtype)
+    // the dtype named in config.json: out_dtype, else dtype, else the
+    // donor's (without a base_model mergekit's donor is whichever model its
+    // set iterates first, arbitrary when the models' dtypes differ: smelt
+    // takes the first listed)
+    let named = cfg.out_dtype.or(cfg.dtype);
+    if let Some(dt) = named
         && let Some(o) = out_config.as_object_mut()
     {
         o.remove("torch_dtype");
@@ -469,14 +501,17 @@ pub fn plan_merge(
             out_layer += 1;
         }
     }
-    plan_edge(
-        &mut planner,
-        &slices[slices.len() - 1],
-        true,
-        out_layers,
-        &edge,
-        &nlayers,
-    )?;
+    // post-layer weights (final norm, lm_head): the last slice's sources,
+    // as many as the first slice has (mergekit zips the first slice's
+    // count with the last slice's models, parameters from the last slice)
+    let last = &slices[slices.len() - 1];
+    let post = PlanSlice {
+        sources: last.sources[..last.sources.len().min(slices[0].sources.len())].to_vec(),
+        base: last.base,
+        params: last.params,
+        len: last.len,
+    };
+    plan_edge(&mut planner, &post, true, out_layers, &edge, &nlayers)?;
     warnings.extend(planner.warnings);
     if !planner.errors.is_empty() {
         return Err(Error::Many(planner.errors));
@@ -691,9 +726,10 @@ impl TensorPlanner<'_> {
             levels.extend(global_levels.iter().copied());
             let mut pv = ParamValues::new();
             for spec in self.method.model_params() {
-                let v = params::resolve(&levels, spec.name, &w.name, t).map_err(|e| {
-                    Error::tensor(&out.name, format!("{e} (model {})", model.reference))
-                })?;
+                let v =
+                    params::resolve(&levels, spec.name, spec.kind, &w.name, t).map_err(|e| {
+                        Error::tensor(&out.name, format!("{e} (model {})", model.reference))
+                    })?;
                 match v.or(spec.default) {
                     Some(v) => {
                         pv.insert(spec.name.to_string(), v);
@@ -726,7 +762,7 @@ impl TensorPlanner<'_> {
         }
         let mut global = ParamValues::new();
         for spec in self.method.global_params() {
-            let v = params::resolve(&global_levels, spec.name, &out.name, t)
+            let v = params::resolve(&global_levels, spec.name, spec.kind, &out.name, t)
                 .map_err(|e| Error::tensor(&out.name, e))?;
             match v.or(spec.default) {
                 Some(v) => {
@@ -748,54 +784,37 @@ impl TensorPlanner<'_> {
         }
         let mut base = base_model.and_then(|b| inputs.iter().position(|i| i.model == b));
         let permute = out.is_embed && self.permutation.is_some();
-        let mut extra_inputs = Vec::new();
+        let mut vocab_defaults = Vec::new();
         let shapes: Vec<Vec<usize>> = match self.permutation.filter(|_| permute) {
             Some(p) => {
-                let d = inputs[0].shape.get(1).copied().unwrap_or(0);
+                // vocabulary-sized: rows of any width (a 1-D bias: width 1)
+                let d = inputs[0].shape.get(1).copied();
                 for i in &inputs {
-                    if i.shape.len() != 2 || i.shape[1] != d {
+                    if i.shape.is_empty() || i.shape.len() > 2 || i.shape.get(1).copied() != d {
                         return Err(Error::tensor(
                             &out.name,
                             format!(
-                                "tokenizer merge needs 2-D embeddings of equal width; found {:?} and {:?}",
+                                "tokenizer merge needs vocabulary-sized tensors of equal row width; found {:?} and {:?}",
                                 inputs[0].shape, i.shape
                             ),
                         ));
                     }
                 }
-                // models whose rows the defaults use but that are not inputs
-                let mut wanted: Vec<usize> = p
-                    .defaults
-                    .iter()
-                    .flat_map(|d| match d {
-                        crate::tokenizer::DefaultRow::Mean(rows) => {
-                            rows.iter().map(|r| r.0).collect()
-                        }
-                        _ => vec![],
+                let models: Vec<usize> = inputs.iter().map(|i| i.model).collect();
+                let (rows, warns) = p
+                    .defaults_for(&models, base_model, |m| {
+                        self.models[m].reference.to_string()
                     })
-                    .filter(|m| !inputs.iter().any(|i| i.model == *m))
-                    .collect();
-                wanted.sort();
-                wanted.dedup();
-                let w = &ins[0].1;
-                for m in wanted {
-                    let mt = &self.models[m].tensors;
-                    let found = std::iter::once(&w.name)
-                        .chain(&w.aliases)
-                        .chain(&w.tied_names)
-                        .find(|n| mt.contains(n))
-                        .map(|n| InputSource::Tensor(n.clone()));
-                    if let Some(source) = found {
-                        let (dtype, shape) = source_meta(&source, mt, &w.name)?;
-                        extra_inputs.push(TaskInput {
-                            model: m,
-                            source,
-                            dtype,
-                            shape,
-                        });
+                    .map_err(|e| Error::tensor(&out.name, e))?;
+                for w in warns {
+                    if !self.warnings.contains(&w) {
+                        self.warnings.push(w);
                     }
                 }
-                inputs.iter().map(|_| vec![p.rows, d]).collect()
+                vocab_defaults = rows;
+                let mut shape = vec![p.rows];
+                shape.extend(d);
+                inputs.iter().map(|_| shape.clone()).collect()
             }
             None => inputs.iter().map(|i| i.shape.clone()).collect(),
         };
@@ -864,9 +883,13 @@ impl TensorPlanner<'_> {
                 })
             })
             .transpose()?;
-        let working = force
-            .or(self.cfg.dtype)
-            .unwrap_or_else(|| inputs[base.unwrap_or(0)].dtype);
+        // no dtype given: the inputs' common type, as torch promotes them
+        // (mergekit 0.1.5's `promoted_dtype`: bf16 with f16 or f32 → f32)
+        let working = force.or(self.cfg.dtype).unwrap_or_else(|| {
+            inputs[1..]
+                .iter()
+                .fold(inputs[0].dtype, |a, i| a.promote(i.dtype))
+        });
         if !working.is_float() && self.method.name() != "passthrough" {
             return Err(Error::tensor(
                 &out.name,
@@ -889,7 +912,7 @@ impl TensorPlanner<'_> {
             shard: 0,
             slot: 0,
             permute,
-            extra_inputs,
+            vocab_defaults,
         });
         Ok(())
     }

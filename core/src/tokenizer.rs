@@ -170,7 +170,7 @@ pub enum DefaultRow {
     Missing,
 }
 
-/// How every `is_embed` tensor is re-indexed (same for all of them).
+/// How every vocabulary-sized tensor is re-indexed.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EmbedPermutation {
     /// Real output vocabulary size.
@@ -179,7 +179,67 @@ pub struct EmbedPermutation {
     pub rows: usize,
     /// Per model index: its own row for each output token (None: use the default).
     pub own: BTreeMap<usize, Vec<Option<u32>>>,
-    pub defaults: Vec<DefaultRow>,
+    /// Per model index: its row for each output token, forced or not.
+    pub present: BTreeMap<usize, Vec<Option<u32>>>,
+    /// Per output token: the fallback the configuration names (`tokens:`
+    /// with a `source`), `None` where it is chosen from the tensor's
+    /// inputs ([`EmbedPermutation::defaults_for`]).
+    pub explicit: Vec<Option<DefaultRow>>,
+}
+
+impl EmbedPermutation {
+    /// Fallback rows for one tensor whose inputs are `inputs` (model
+    /// indices, configuration order) with base model `base`, as mergekit
+    /// 0.1.5's `PermutedVocabulary` picks them from the tensor's own inputs:
+    /// a token only one input has comes from it; one no input has is zero;
+    /// else the base's row where the base is an input and has it; else
+    /// the mean over the inputs that have it. A named source must be one
+    /// of the inputs. Returns the rows and warnings.
+    pub fn defaults_for(
+        &self,
+        inputs: &[usize],
+        base: Option<usize>,
+        reference: impl Fn(usize) -> String,
+    ) -> std::result::Result<(Vec<DefaultRow>, Vec<String>), String> {
+        let mut warnings = Vec::new();
+        let mut out = Vec::with_capacity(self.vocab_len);
+        for j in 0..self.vocab_len {
+            let needed = inputs.iter().any(|m| self.own[m][j].is_none());
+            let d = match &self.explicit[j] {
+                _ if !needed => DefaultRow::Zero,
+                Some(DefaultRow::Mean(rows)) => {
+                    if let Some((m, _)) = rows.iter().find(|(m, _)| !inputs.contains(m)) {
+                        return Err(format!(
+                            "token id {j} takes its row from model {}, which does not provide this tensor",
+                            reference(*m)
+                        ));
+                    }
+                    DefaultRow::Mean(rows.clone())
+                }
+                Some(d) => d.clone(),
+                None => {
+                    let having: Vec<(usize, u32)> = inputs
+                        .iter()
+                        .filter_map(|m| self.present[m][j].map(|id| (*m, id)))
+                        .collect();
+                    if having.len() == 1 {
+                        DefaultRow::Mean(having)
+                    } else if having.is_empty() {
+                        warnings.push(format!(
+                            "token id {j} is in no input's embedding; it gets a zero vector"
+                        ));
+                        DefaultRow::Zero
+                    } else if let Some(b) = having.iter().find(|(m, _)| Some(*m) == base) {
+                        DefaultRow::Mean(vec![*b])
+                    } else {
+                        DefaultRow::Mean(having)
+                    }
+                }
+            };
+            out.push(d);
+        }
+        Ok((out, warnings))
+    }
 }
 
 /// The merged tokenizer: files to write and the permutation.
@@ -326,10 +386,10 @@ pub fn build(
     };
     let forced: HashMap<&str, &crate::config::TokenSpec> =
         tcfg.tokens.iter().map(|(t, s)| (t.as_str(), s)).collect();
-    let mut defaults = Vec::with_capacity(vocab_len);
-    for (j, tok) in by_id.iter().enumerate() {
+    let mut explicit = Vec::with_capacity(vocab_len);
+    for tok in by_id.iter() {
         let Some(tok) = tok else {
-            defaults.push(DefaultRow::Zero);
+            explicit.push(Some(DefaultRow::Zero));
             continue;
         };
         let spec = forced.get(tok.as_str());
@@ -371,40 +431,31 @@ pub fn build(
                 })?;
                 DefaultRow::Mean(vec![(m, id)])
             }
+            // chosen per tensor from its inputs
             None => {
-                let having: Vec<(usize, u32)> = in_set
-                    .iter()
-                    .filter_map(|m| model_id(*m, tok).map(|id| (*m, id)))
-                    .collect();
-                if having.len() == 1 {
-                    DefaultRow::Mean(having)
-                } else if having.is_empty() {
-                    warnings.push(format!(
-                        "token {tok:?} (id {j}) is in no model's embedding; it gets a zero vector"
-                    ));
-                    DefaultRow::Zero
-                } else if let Some(b) = having.iter().find(|(m, _)| *m == base) {
-                    DefaultRow::Mean(vec![*b])
-                } else {
-                    DefaultRow::Mean(having)
-                }
+                explicit.push(None);
+                continue;
             }
         };
-        defaults.push(d);
+        explicit.push(Some(d));
     }
     let mut own = BTreeMap::new();
+    let mut present = BTreeMap::new();
     for &m in in_set {
-        let v: Vec<Option<u32>> = by_id
+        let v: Vec<Option<u32>> = by_id.iter().map(|t| model_id(m, (*t)?)).collect();
+        let o: Vec<Option<u32>> = by_id
             .iter()
-            .map(|t| {
+            .zip(&v)
+            .map(|(t, id)| {
                 let t = (*t)?;
                 if forced.get(t.as_str()).is_some_and(|s| s.force) {
                     return None;
                 }
-                model_id(m, t)
+                *id
             })
             .collect();
-        own.insert(m, v);
+        own.insert(m, o);
+        present.insert(m, v);
     }
 
     // --- files
@@ -426,7 +477,8 @@ pub fn build(
             vocab_len,
             rows,
             own,
-            defaults,
+            present,
+            explicit,
         },
         warnings,
     })
@@ -438,25 +490,25 @@ fn pretty(v: &Value) -> String {
     s
 }
 
-/// Re-indexes one model's embedding-like matrix to the output vocabulary.
-/// `mats` holds the original matrices of every model the defaults refer to.
+/// Re-indexes one model's vocabulary-sized tensor (rows along axis 0; a
+/// 1-D bias has rows of width 1) to the output vocabulary. `mats` holds the
+/// tensor of every input; `defaults` the fallback rows
+/// ([`EmbedPermutation::defaults_for`]).
 pub fn permute(
     p: &EmbedPermutation,
+    defaults: &[DefaultRow],
     model: usize,
     mats: &HashMap<usize, Tensor>,
     name: &str,
 ) -> Result<Tensor> {
-    let own_mat = mats
-        .get(&model)
-        .ok_or_else(|| Error::tensor(name, "internal: missing embedding for permutation"))?;
+    let missing = || Error::tensor(name, "internal: missing embedding for permutation");
+    let own_mat = mats.get(&model).ok_or_else(missing)?;
     let dt = own_mat.dtype;
     let d = own_mat.shape.get(1).copied().unwrap_or(1);
     let row = |m: usize, r: u32| -> Result<&[f32]> {
-        let t = mats
-            .get(&m)
-            .ok_or_else(|| Error::tensor(name, "internal: missing embedding for permutation"))?;
+        let t = mats.get(&m).ok_or_else(missing)?;
         let r = r as usize;
-        if t.shape.len() != 2 || t.shape[1] != d {
+        if t.shape.len() != own_mat.shape.len() || t.shape.get(1) != own_mat.shape.get(1) {
             return Err(Error::tensor(
                 name,
                 format!(
@@ -481,9 +533,9 @@ pub fn permute(
             dst.copy_from_slice(row(model, r)?);
             continue;
         }
-        match &p.defaults[j] {
-            DefaultRow::Zero | DefaultRow::Missing => {}
-            DefaultRow::Mean(rows) => {
+        match defaults.get(j) {
+            None | Some(DefaultRow::Zero | DefaultRow::Missing) => {}
+            Some(DefaultRow::Mean(rows)) => {
                 if rows.len() == 1 {
                     dst.copy_from_slice(row(rows[0].0, rows[0].1)?);
                 } else {
@@ -492,9 +544,10 @@ pub fn permute(
                         .map(|(m, r)| row(*m, *r))
                         .collect::<Result<Vec<_>>>()?;
                     let k = rows.len() as f32;
+                    // torch: zeros + row + row ... (each add rounded), / k
                     for (c, o) in dst.iter_mut().enumerate() {
-                        let s: f32 = srcs.iter().map(|s| s[c]).sum();
-                        *o = dt.round(dt.round(s) / k);
+                        let s = srcs.iter().fold(0.0f32, |a, s| dt.round(a + s[c]));
+                        *o = dt.round(s / k);
                     }
                 }
             }
@@ -511,7 +564,9 @@ pub fn permute(
             out[j * d..(j + 1) * d].copy_from_slice(&mean);
         }
     }
-    Ok(Tensor::new(vec![p.rows, d], out, dt))
+    let mut shape = vec![p.rows];
+    shape.extend(own_mat.shape.get(1));
+    Ok(Tensor::new(shape, out, dt))
 }
 
 /// Bundled chat templates (spec §1.8), written for smelt.

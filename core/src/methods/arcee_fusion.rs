@@ -20,6 +20,9 @@ impl MergeMethod for ArceeFusion {
     fn base_use(&self) -> BaseUse {
         BaseUse::Required
     }
+    fn input_counts(&self) -> InputCounts {
+        InputCounts::exactly(2)
+    }
     fn output_dtype(&self, _working: DType) -> DType {
         DType::F32
     }

@@ -102,9 +102,9 @@ impl MergeMethod for GeneralizedTaskArithmetic {
     }
     fn global_params(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec::default("int8_mask", 0.0),
-            ParamSpec::default("normalize", self.normalize as u8 as f64),
-            ParamSpec::default("rescale", self.rescale as u8 as f64),
+            ParamSpec::flag("int8_mask", false),
+            ParamSpec::flag("normalize", self.normalize),
+            ParamSpec::flag("rescale", self.rescale),
             ParamSpec::default("lambda", 1.0),
         ]
     }

@@ -1391,7 +1391,10 @@ mod tests {
     /// of the family and every float working dtype.
     #[test]
     fn streamed_equals_whole() {
-        let shapes: [&[usize]; 3] = [&[100, 512], &[2 * BLOCK + 123], &[12, 64, 96]];
+        // sizes from which tensors are streamed (smaller ones pick top-k
+        // ties in torch's order, whole)
+        assert_eq!(sparsify::TORCH_TIE_ORDER_BELOW, 4 * BLOCK);
+        let shapes: [&[usize]; 3] = [&[256, 512], &[4 * BLOCK + 123], &[24, 64, 96]];
         for dt in [DType::BF16, DType::F16, DType::F32] {
             for shape in shapes {
                 let pm = [(0.5, 0.3), (0.7, 0.6)];

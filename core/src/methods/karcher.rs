@@ -13,11 +13,11 @@ impl MergeMethod for Karcher {
         "Karcher Mean"
     }
     fn reference_url(&self) -> Option<&'static str> {
-        Some("https://en.wikipedia.org/wiki/Karcher_mean")
+        Some("https://arxiv.org/abs/2603.04972")
     }
     fn global_params(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec::default("max_iter", 10.0),
+            ParamSpec::int("max_iter", 10),
             ParamSpec::default("tol", 1e-5),
         ]
     }

@@ -15,7 +15,7 @@ impl MergeMethod for Linear {
         Some("https://arxiv.org/abs/2203.05482")
     }
     fn global_params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec::default("normalize", 1.0)]
+        vec![ParamSpec::flag("normalize", true)]
     }
     fn model_params(&self) -> Vec<ParamSpec> {
         vec![ParamSpec::required("weight")]
@@ -48,7 +48,9 @@ impl MergeMethod for Linear {
             let v = job
                 .model_param(i, "weight")
                 .ok_or_else(|| job.err("linear: a model has no `weight` (is base_model listed under models without a weight?)"))?;
-            w.push(dt.round(v as f32));
+            // mergekit 0.1.5 keeps the coefficients in f32 (f64 only for
+            // float64 tensors), whatever the working dtype
+            w.push(v as f32);
         }
         Ok(weighted_sum(
             &job.tensors,
@@ -60,8 +62,9 @@ impl MergeMethod for Linear {
     }
 }
 
-/// `Σ r(w_i·x_i)` accumulated in f32 and rounded once; optionally divided by
-/// the (rounded) weight sum.
+/// `Σ w_i·x_i` in f32, optionally divided by the f32 weight sum, rounded
+/// once to the working dtype: mergekit 0.1.5's `linear` (f32 coefficients,
+/// `addcmul_` into an f32 accumulator, `div_`, then `.to(dtype)`).
 pub fn weighted_sum(
     xs: &[Tensor],
     w: &[f32],
@@ -81,7 +84,7 @@ fn weighted_sum_r<R: crate::dtype::Rounding>(
 ) -> Vec<f32> {
     use rayon::prelude::*;
     let n = xs[0].numel();
-    let wsum = r.r(w.iter().sum::<f32>());
+    let wsum = w.iter().fold(0.0f32, |a, b| a + b);
     let mut out = vec![0.0f32; n];
     out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| {
         let lo = b * BLOCK;
@@ -105,19 +108,20 @@ crate::simd::multiversion! {
         for (k, (x, wk)) in xs.iter().zip(w).enumerate() {
             let src = &x.data[lo..lo + o.len()];
             if k == 0 {
+                // torch: 0 + w·x (turns a -0 product into +0)
                 for (oi, xi) in o.iter_mut().zip(src) {
-                    *oi = r.r(wk * xi);
+                    *oi = 0.0 + wk * xi;
                 }
             } else {
                 for (oi, xi) in o.iter_mut().zip(src) {
-                    *oi += r.r(wk * xi);
+                    *oi += wk * xi;
                 }
             }
         }
         match wsum {
             Some(wsum) => {
                 for oi in o.iter_mut() {
-                    *oi = r.r(r.r(*oi) / wsum);
+                    *oi = r.r(*oi / wsum);
                 }
             }
             None => {
@@ -158,16 +162,18 @@ mod tests {
     }
 
     #[test]
-    fn bf16_rounds_weights_like_torch() {
-        // 0.6 and 0.4 become 0.6015625 and 0.400390625 in bf16; the weight sum
-        // is 1.001953125 and the result rounds per op.
+    fn bf16_accumulates_in_f32_and_rounds_once() {
+        // mergekit 0.1.5: f32 coefficients and accumulator, one rounding at
+        // the end. 0.1.4 rounded the weights to bf16 (0.69921875,
+        // -0.69140625) and every product: 0.0078125 here.
         let a = Tensor::new(vec![1], vec![1.0], DType::BF16);
         let b = Tensor::new(vec![1], vec![1.0], DType::BF16);
         let g: ParamValues = [("normalize".to_string(), 0.0)].into();
-        let w6: ParamValues = [("weight".to_string(), 0.6)].into();
-        let w4: ParamValues = [("weight".to_string(), 0.4)].into();
-        let out = Linear.merge(job(vec![a, b], &g, vec![&w6, &w4])).unwrap();
-        assert_eq!(out.data, vec![DType::BF16.round(0.6015625 + 205.0 / 512.0)]);
+        let w7: ParamValues = [("weight".to_string(), 0.7)].into();
+        let w69: ParamValues = [("weight".to_string(), -0.69)].into();
+        let out = Linear.merge(job(vec![a, b], &g, vec![&w7, &w69])).unwrap();
+        assert_eq!(out.data, vec![DType::BF16.round(0.7f32 - 0.69f32)]);
+        assert_eq!(out.data, vec![164.0 / 16384.0]); // 0.010009765625
     }
 
     proptest! {

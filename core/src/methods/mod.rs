@@ -44,6 +44,8 @@ pub struct ParamSpec {
     pub default: Option<f64>,
     /// Required (for non-base models, in the per-model case).
     pub required: bool,
+    /// The declared type values are checked against.
+    pub kind: crate::params::ParamKind,
 }
 
 impl ParamSpec {
@@ -52,6 +54,7 @@ impl ParamSpec {
             name,
             default: None,
             required: true,
+            kind: crate::params::ParamKind::Float,
         }
     }
     pub const fn default(name: &'static str, v: f64) -> ParamSpec {
@@ -59,6 +62,25 @@ impl ParamSpec {
             name,
             default: Some(v),
             required: false,
+            kind: crate::params::ParamKind::Float,
+        }
+    }
+    /// A boolean parameter (true/false, 1/0) with its default.
+    pub const fn flag(name: &'static str, v: bool) -> ParamSpec {
+        ParamSpec {
+            name,
+            default: Some(v as u8 as f64),
+            required: false,
+            kind: crate::params::ParamKind::Bool,
+        }
+    }
+    /// A whole-number parameter with its default.
+    pub const fn int(name: &'static str, v: i64) -> ParamSpec {
+        ParamSpec {
+            name,
+            default: Some(v as f64),
+            required: false,
+            kind: crate::params::ParamKind::Int,
         }
     }
     pub const fn optional(name: &'static str) -> ParamSpec {
@@ -66,6 +88,7 @@ impl ParamSpec {
             name,
             default: None,
             required: false,
+            kind: crate::params::ParamKind::Float,
         }
     }
 }
@@ -79,6 +102,63 @@ pub enum BaseUse {
     Optional,
     /// Not treated specially (if listed, it is one more input).
     Unused,
+}
+
+/// Input-count limits of a method (mergekit 0.1.5's `InputContract`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputCounts {
+    pub min_inputs: usize,
+    pub max_inputs: Option<usize>,
+    pub min_non_base: usize,
+    pub max_non_base: Option<usize>,
+}
+
+impl Default for InputCounts {
+    fn default() -> InputCounts {
+        InputCounts {
+            min_inputs: 1,
+            max_inputs: None,
+            min_non_base: 0,
+            max_non_base: None,
+        }
+    }
+}
+
+impl InputCounts {
+    /// Exactly `n` inputs, base included.
+    pub const fn exactly(n: usize) -> InputCounts {
+        InputCounts {
+            min_inputs: n,
+            max_inputs: Some(n),
+            min_non_base: 0,
+            max_non_base: None,
+        }
+    }
+
+    /// Checks a slice of `inputs` inputs of which `non_base` are not the
+    /// base; the message says what is wrong.
+    pub fn check(&self, inputs: usize, non_base: usize) -> std::result::Result<(), String> {
+        let range = |what: &str, n: usize, lo: usize, hi: Option<usize>| {
+            if n < lo {
+                Err(format!("needs at least {lo} {what}; got {n}"))
+            } else if let Some(hi) = hi.filter(|hi| n > *hi) {
+                Err(if hi == lo {
+                    format!("needs exactly {lo} {what}; got {n}")
+                } else {
+                    format!("takes at most {hi} {what}; got {n}")
+                })
+            } else {
+                Ok(())
+            }
+        };
+        range("inputs", inputs, self.min_inputs, self.max_inputs)?;
+        range(
+            "non-base inputs",
+            non_base,
+            self.min_non_base,
+            self.max_non_base,
+        )
+    }
 }
 
 /// What the planner knows about one output tensor.
@@ -176,6 +256,12 @@ pub trait MergeMethod: Send + Sync {
         vec![]
     }
     fn base_use(&self) -> BaseUse;
+    /// How many inputs each slice (or the `models:` list, base included)
+    /// must have — mergekit 0.1.5's `InputContract`, checked before any
+    /// tensor is planned.
+    fn input_counts(&self) -> InputCounts {
+        InputCounts::default()
+    }
     /// Output shape and used inputs, from shapes alone.
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         rectified_shape(cx)

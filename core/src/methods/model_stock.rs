@@ -16,10 +16,16 @@ impl MergeMethod for ModelStock {
         Some("https://arxiv.org/abs/2403.19522")
     }
     fn global_params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec::default("filter_wise", 0.0)]
+        vec![ParamSpec::flag("filter_wise", false)]
     }
     fn base_use(&self) -> BaseUse {
         BaseUse::Required
+    }
+    fn input_counts(&self) -> InputCounts {
+        InputCounts {
+            min_inputs: 3,
+            ..InputCounts::default()
+        }
     }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         let n = cx.shapes.len();
@@ -106,7 +112,14 @@ impl MergeMethod for ModelStock {
             .iter()
             .map(|s| {
                 let c = r(s / pairs as f32);
-                r(r(nf * c) / r(1.0 + r((nf - 1.0) * c)))
+                let den = r(1.0 + r((nf - 1.0) * c));
+                // mergekit 0.1.5: at the singularity (opposing updates)
+                // keep the base
+                if den.abs() < 1e-6 {
+                    0.0
+                } else {
+                    r(r(nf * c) / den)
+                }
             })
             .collect();
         // python's sum(ws): sequential adds, each rounded
@@ -121,5 +134,44 @@ impl MergeMethod for ModelStock {
             r(r(tt * a) + r(r(1.0 - tt) * w0.data[i]))
         });
         Ok(Tensor::new(shape, out, dt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opposing_updates_keep_the_base() {
+        // cos θ = −1 with two fine-tunes: 1 + (N−1)·cos = 0. mergekit 0.1.5
+        // keeps the base there (0.1.4 divided by ~0 and gave NaN/inf).
+        let base = Tensor::new(vec![4], vec![0.5, -1.0, 2.0, 0.25], DType::F32);
+        let d = [0.1f32, 0.2, -0.3, 0.4];
+        let up = Tensor::new(
+            vec![4],
+            (0..4).map(|i| base.data[i] + d[i]).collect(),
+            DType::F32,
+        );
+        let down = Tensor::new(
+            vec![4],
+            (0..4).map(|i| base.data[i] - d[i]).collect(),
+            DType::F32,
+        );
+        let g: ParamValues = [("filter_wise".to_string(), 0.0)].into();
+        let none = ParamValues::new();
+        let job = MergeJob {
+            name: "t",
+            tensors: vec![base.clone(), up, down],
+            base: Some(0),
+            global: &g,
+            per_model: vec![&none, &none, &none],
+            is_embed: false,
+            seed: 0,
+        };
+        let out = ModelStock.merge(job).unwrap();
+        assert!(out.data.iter().all(|x| x.is_finite()), "{:?}", out.data);
+        for (o, b) in out.data.iter().zip(&base.data) {
+            assert!((o - b).abs() < 1e-6, "{:?}", out.data);
+        }
     }
 }

@@ -17,7 +17,7 @@ impl MergeMethod for MultiSlerp {
     }
     fn global_params(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec::default("normalize_weights", 1.0),
+            ParamSpec::flag("normalize_weights", true),
             ParamSpec::default("eps", 1e-8),
         ]
     }
@@ -26,6 +26,12 @@ impl MergeMethod for MultiSlerp {
     }
     fn base_use(&self) -> BaseUse {
         BaseUse::Optional
+    }
+    fn input_counts(&self) -> InputCounts {
+        InputCounts {
+            min_non_base: 1,
+            ..InputCounts::default()
+        }
     }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         equal_shape(cx)
@@ -51,7 +57,10 @@ impl MergeMethod for MultiSlerp {
             Some((b, o, _)) => (Some(b), o),
             None => (None, std::mem::take(&mut job.tensors)),
         };
-        let shape = xs[0].shape.clone();
+        let Some(shape) = xs.first().map(|x| x.shape.clone()) else {
+            // only the base has this (optional) tensor: it passes through
+            return base.ok_or_else(|| Error::tensor(name, "multislerp: no input tensor"));
+        };
         if xs.len() == 1 {
             return Ok(xs.into_iter().next().expect("one"));
         }

@@ -22,6 +22,9 @@ impl MergeMethod for NearSwap {
     fn base_use(&self) -> BaseUse {
         BaseUse::Required
     }
+    fn input_counts(&self) -> InputCounts {
+        InputCounts::exactly(2)
+    }
     fn row_separable(&self, _global: &ParamValues, _per_model: &[ParamValues]) -> bool {
         true
     }
@@ -49,7 +52,8 @@ impl MergeMethod for NearSwap {
         let r = |x: f32| dt.round(x);
         let out = map_n(a.numel(), |i| {
             let d = r(r(a.data[i] - b.data[i]).abs()).max(r(1e-6));
-            let w = r(t / d).clamp(0.0, 1.0);
+            // torch evaluates `t / d` (scalar / tensor) as reciprocal(d) · t
+            let w = r(r(1.0 / d) * t).clamp(0.0, 1.0);
             r(r(w * b.data[i]) + r(r(1.0 - w) * a.data[i]))
         });
         Ok(Tensor::new(a.shape.clone(), out, dt))

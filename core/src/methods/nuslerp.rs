@@ -76,8 +76,8 @@ impl MergeMethod for NuSlerp {
     }
     fn global_params(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec::default("nuslerp_flatten", 1.0),
-            ParamSpec::default("nuslerp_row_wise", 0.0),
+            ParamSpec::flag("nuslerp_flatten", true),
+            ParamSpec::flag("nuslerp_row_wise", false),
         ]
     }
     fn model_params(&self) -> Vec<ParamSpec> {
@@ -85,6 +85,13 @@ impl MergeMethod for NuSlerp {
     }
     fn base_use(&self) -> BaseUse {
         BaseUse::Optional
+    }
+    fn input_counts(&self) -> InputCounts {
+        InputCounts {
+            min_non_base: 2,
+            max_non_base: Some(2),
+            ..InputCounts::default()
+        }
     }
     fn row_separable(&self, global: &ParamValues, _per_model: &[ParamValues]) -> bool {
         // per-row vectors (the last axis) only
@@ -193,7 +200,10 @@ pub fn nuslerp(t: f64, v0: &[f32], v1: &[f32], layout: VecLayout, dt: DType) -> 
                 let sin_theta = r(theta.sin());
                 let s0 = r(r(a * theta).sin());
                 let s1 = r(r(b * theta).sin());
-                (s0, s1, sin_theta, sin_theta.abs() < r(1e-8))
+                // mergekit 0.1.5: colinear when 1 − cos² ≤ eps² (eps 1e-8),
+                // antiparallel vectors included (sin π is not 0 in f32)
+                let colinear = r(1.0 - r(cos * cos)) <= 1e-16f32;
+                (s0, s1, sin_theta, colinear)
             })
             .collect()
     };
@@ -220,6 +230,19 @@ mod tests {
         let l = VecLayout::for_shape(&[3, 4], false, false);
         assert_eq!(l.count(12), 3);
         assert_eq!(l.vector_of(9), 2);
+    }
+
+    #[test]
+    fn antiparallel_vectors_interpolate_linearly() {
+        // mergekit 0.1.5 treats cos θ = −1 as colinear: (1−t)·a + t·b
+        // (rows whose unit vectors and dot products are exact in f32)
+        let a = [1.0f32, 0.0, 0.0, -2.0];
+        let b: Vec<f32> = a.iter().map(|x| -x).collect();
+        let l = VecLayout::for_shape(&[2, 2], false, false);
+        let out = nuslerp(0.25, &a, &b, l, DType::F32);
+        for i in 0..4 {
+            assert_eq!(out[i], 0.75 * a[i] + 0.25 * b[i], "{out:?}");
+        }
     }
 
     #[test]

@@ -17,6 +17,12 @@ impl MergeMethod for Passthrough {
     fn base_use(&self) -> BaseUse {
         BaseUse::Unused
     }
+    fn input_counts(&self) -> InputCounts {
+        InputCounts {
+            max_inputs: Some(1),
+            ..InputCounts::default()
+        }
+    }
     fn row_separable(&self, _global: &ParamValues, _per_model: &[ParamValues]) -> bool {
         true
     }

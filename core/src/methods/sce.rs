@@ -18,7 +18,7 @@ impl MergeMethod for Sce {
     }
     fn global_params(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec::default("int8_mask", 0.0),
+            ParamSpec::flag("int8_mask", false),
             ParamSpec::default("select_topk", 1.0),
         ]
     }

@@ -24,6 +24,9 @@ impl MergeMethod for Slerp {
     fn base_use(&self) -> BaseUse {
         BaseUse::Required
     }
+    fn input_counts(&self) -> InputCounts {
+        InputCounts::exactly(2)
+    }
     fn plan_shapes(&self, cx: &ShapeCtx) -> Result<ShapePlan> {
         if cx.shapes.len() == 1 {
             return Ok(ShapePlan::all(cx.shapes[0].clone(), 1));

@@ -153,11 +153,32 @@ pub fn magnitude_k(n: usize, density: f64) -> usize {
 }
 
 /// TIES magnitude pruning: keep the [`magnitude_k`] largest magnitudes.
+/// Tensors with fewer elements than this pick equal magnitudes at a top-k
+/// cut in torch's order ([`crate::torch_sort`], a replica of the
+/// introsort torch's CPU `argsort` runs), so that small tensors (norms,
+/// biases, small models) get mergekit's bytes even in bfloat16, where
+/// equal magnitudes are common. Larger tensors keep the lower flat index
+/// (O(n) histogram selection, streamed: the replica needs an 8-byte copy
+/// of the tensor). The limit equals the size from which tensors are
+/// streamed, so both paths agree whatever the tensor's route.
+pub const TORCH_TIE_ORDER_BELOW: usize = 4 * BLOCK;
+
+/// `|x|` of every element, as torch's `tensor.abs().float()`.
+fn magnitudes(delta: &[f32]) -> Vec<f32> {
+    delta.iter().map(|x| x.abs()).collect()
+}
+
 pub fn magnitude(delta: &[f32], density: f64, rescale: bool, dt: DType) -> Vec<f32> {
     if density >= 1.0 {
         return delta.to_vec();
     }
-    let mask = top_k_mask(delta, magnitude_k(delta.len(), density));
+    let k = magnitude_k(delta.len(), density);
+    let mask = if delta.len() < TORCH_TIE_ORDER_BELOW {
+        // torch.argsort(|Δ|, descending=True)[:k]
+        crate::torch_sort::top_k_desc(&magnitudes(delta), k)
+    } else {
+        top_k_mask(delta, k)
+    };
     masked(delta, |i| mask[i], rescale, dt)
 }
 
@@ -207,6 +228,12 @@ pub fn magnitude_outliers(
     // ascending stable order: the bottom `bot` (ties: lower index first) and
     // the top `top` (ties: higher index first) are dropped
     let n = n as usize;
+    if n < TORCH_TIE_ORDER_BELOW {
+        // torch.sort(|Δ|).indices[bot : bot + keep]
+        let hi = (bot + keep).max(bot) as usize;
+        let mask = crate::torch_sort::asc_range(&magnitudes(delta), bot as usize, hi);
+        return masked(delta, |i| mask[i], rescale, dt);
+    }
     let low = select_largest(n, bot as usize, |i| !abs_key(delta[i]), true);
     let high = select_largest(n, top as usize, |i| abs_key(delta[i]), false);
     let mask: Vec<bool> = low.iter().zip(&high).map(|(l, h)| !l && !h).collect();
