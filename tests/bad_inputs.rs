@@ -647,6 +647,46 @@ fn slice_sources_of_unequal_length() {
     ws.fails(&y, &["slices[0]", "layer_range"]);
 }
 
+/// mergekit 0.1.5 checks every slice against the method's input contract
+/// before planning: slerp takes exactly two inputs, the base among them.
+#[test]
+fn slice_with_one_source_for_slerp() {
+    let ws = Ws::new(1);
+    let y = format!(
+        "slices:\n  - sources:\n      - model: {}\n        layer_range: [0, 2]\nmerge_method: slerp\nbase_model: {}\nparameters:\n  t: 0.5\n",
+        ws.m(0),
+        ws.m(0)
+    );
+    ws.fails(&y, &["slices[0].sources", "exactly 2 inputs; got 1"]);
+    let y = format!(
+        "slices:\n  - sources:\n      - model: {}\n        layer_range: [0, 2]\nmerge_method: slerp\nbase_model: {}\nparameters:\n  t: 0.5\n",
+        ws.m(1),
+        ws.m(0)
+    );
+    ws.fails(&y, &["slices[0].sources", "not among the inputs"]);
+}
+
+/// multislerp with the base alone (it used to panic on an empty input list).
+#[test]
+fn multislerp_with_only_the_base() {
+    let ws = Ws::new(1);
+    let y = format!(
+        "models:\n  - model: {}\n    parameters:\n      weight: 1.0\nmerge_method: multislerp\nbase_model: {}\n",
+        ws.m(0),
+        ws.m(0)
+    );
+    ws.fails(&y, &["models", "at least 1 non-base inputs; got 0"]);
+}
+
+/// Boolean parameters take true/false or 1/0 (mergekit 0.1.5 validates
+/// them): `normalize: 2` is a mistake.
+#[test]
+fn boolean_parameter_given_a_number() {
+    let ws = Ws::new(1);
+    let y = ws.linear2() + "parameters:\n  normalize: 2\n";
+    ws.fails(&y, &["normalize", "not a boolean"]);
+}
+
 // ------------------------------------------------ incompatible models ----
 
 #[test]
