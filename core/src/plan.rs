@@ -269,7 +269,28 @@ pub fn plan_merge(
                 )
             })
             .collect();
-        let a = Architecture::infer(&names)?;
+        let mut a = Architecture::infer(&names)?;
+        // what transformers' config tells about the inferred layout: the
+        // layer count key (updated for slices) where it agrees with the
+        // tensor names, and vocabulary-sized loose tensors (first
+        // dimension = vocab_size: Bloom's word_embeddings, Mamba's
+        // embeddings, ...), re-indexed by tokenizer merges
+        let cfg0 = &models[0].config;
+        let as_usize = |k: &str| cfg0.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+        if a.override_num_layers.is_some() && as_usize("num_hidden_layers") == a.override_num_layers
+        {
+            a.num_layers_config_key = Some("num_hidden_layers".into());
+        }
+        if let Some(vocab) = as_usize("vocab_size") {
+            for w in &mut a.pre_weights {
+                if let Some(l) = models[0].tensors.tensors.get(&w.name)
+                    && matches!(l.shape.len(), 1 | 2)
+                    && l.shape[0] == vocab
+                {
+                    w.is_embed = true;
+                }
+            }
+        }
         let unknown: Vec<String> = models
             .iter()
             .filter(|m| m.arch.is_none())

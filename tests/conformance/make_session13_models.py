@@ -10,7 +10,10 @@ safetensors and transformers — 5.24 was used):
 - olmo2_{base,ft1,ft2} (random init, seed 11, each fine-tune = base +
   N(0, 0.02) on every parameter; per-head q_norm / k_norm weights) and
   phi_{base,ft1,ft2} (seed 10; a vocabulary-sized lm_head.bias) plus
-  phi_ft1_v264 (phi_ft1 with 8 more vocabulary rows and tokens <extra_i>).
+  phi_ft1_v264 (phi_ft1 with 8 more vocabulary rows and tokens <extra_i>);
+  bloom_{base,ft1,ft2} (seed 15; no architecture definition in smelt:
+  inferred, vocabulary-sized `transformer.word_embeddings`) plus
+  bloom_ft1_v264.
 """
 import json
 import os
@@ -92,3 +95,5 @@ common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_
 make("phi", transformers.PhiConfig(**common), seed=10)
 widen_vocab("phi_ft1", "phi_ft1_v264", ["model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"])
 make("olmo2", transformers.Olmo2Config(**common), seed=11)
+make("bloom", transformers.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4), seed=15)
+widen_vocab("bloom_ft1", "bloom_ft1_v264", ["transformer.word_embeddings.weight"])

@@ -140,7 +140,11 @@ impl InputCounts {
     pub fn check(&self, inputs: usize, non_base: usize) -> std::result::Result<(), String> {
         let range = |what: &str, n: usize, lo: usize, hi: Option<usize>| {
             if n < lo {
-                let how = if hi == Some(lo) { "exactly" } else { "at least" };
+                let how = if hi == Some(lo) {
+                    "exactly"
+                } else {
+                    "at least"
+                };
                 Err(format!("needs {how} {lo} {what}; got {n}"))
             } else if let Some(hi) = hi.filter(|hi| n > *hi) {
                 Err(if hi == lo {
