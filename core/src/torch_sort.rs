@@ -33,10 +33,15 @@
 //! introsort leaf exactly like a guarded insertion sort of that leaf alone, and leaves
 //! the heap-sorted ranges untouched. Hence the *set* of elements that ends up in a
 //! range of positions is fixed as soon as the range is bounded by partition cuts.
+//!
+//! [`topk_largest_mask`] replicates the set chosen by `torch.topk(w, k)` (largest=True),
+//! whose CPU kernel uses `std::partial_sort` / `std::nth_element` instead of `std::sort`
+//! and therefore breaks ties differently from `argsort(descending=True)[:k]`.
 
 // Written for smelt (session 13): mergekit 0.1.5 picks TIES / breadcrumbs
-// elements with `torch.argsort` / `torch.sort`, whose order of equal
-// magnitudes is this introsort's. See `sparsify::TORCH_TIE_ORDER_BELOW`.
+// elements with `torch.argsort` / `torch.sort` and SCE's with `torch.topk`,
+// whose orders of equal values are these libstdc++ algorithms'. See
+// `sparsify::TORCH_TIE_ORDER_BELOW`.
 
 #[derive(Clone, Copy, Debug)]
 struct E {
@@ -503,6 +508,181 @@ pub fn asc_range(w: &[f32], lo: usize, hi: usize) -> Vec<bool> {
         mask[e.i as usize] = true;
     }
     mask
+}
+
+// ---------------------------------------------------------------- torch.topk
+
+/// libstdc++ `std::__heap_select(first, middle, last, comp)` on `a`, literally:
+/// `__make_heap(first, middle)`, then for each i in [middle, last) with
+/// `comp(*i, *first)`: `__pop_heap(first, middle, i)` (the old top goes to i).
+fn heap_select<O: Order>(a: &mut [E], first: usize, middle: usize, last: usize) {
+    let (head, tail) = a[first..last].split_at_mut(middle - first);
+    make_heap::<O>(head);
+    let len = head.len();
+    for x in tail.iter_mut() {
+        if lt::<O>(x, &head[0]) {
+            let v = *x;
+            *x = head[0];
+            adjust_heap::<O>(head, 0, len, v);
+        }
+    }
+}
+
+/// libstdc++ `std::__introselect(first, nth, last, 2 * __lg(n), comp)` (the body of
+/// `std::nth_element`), literally except for the bitmask partition (same swaps/cut).
+fn introselect<O: Order>(a: &mut [E], nth: usize) {
+    let n = a.len();
+    if n == 0 || nth >= n {
+        return;
+    }
+    let (mut first, mut last, mut depth) = (0usize, n, 2 * lg(n));
+    while last - first > 3 {
+        if depth == 0 {
+            HEAP_FALLBACKS.with(|c| c.set(c.get() + 1));
+            heap_select::<O>(a, first, nth + 1, last);
+            a.swap(first, nth);
+            return;
+        }
+        depth -= 1;
+        let cut = unguarded_partition_pivot::<O>(a, first, last);
+        if cut <= nth {
+            first = cut;
+        } else {
+            last = cut;
+        }
+    }
+    insertion_sort::<O>(a, first, last);
+}
+
+/// `std::partial_sort(q, q + k, q + n, comp)` restricted to what decides the *set* of
+/// its first k elements, i.e. `__heap_select` (the final `__sort_heap` only permutes
+/// them). Reads `w` directly: during the scan, position i (>= k) still holds the
+/// original element (i, w[i]), since `__pop_heap` only writes to already-scanned
+/// positions. Returns the heap (the selected elements).
+fn partial_sort_select<O: Order>(w: &[f32], k: usize) -> Vec<E> {
+    let mut h = make_elems(&w[..k]);
+    make_heap::<O>(&mut h);
+    const B: usize = 64;
+    let mut start = k;
+    while start < w.len() {
+        let len = B.min(w.len() - start);
+        // candidates against the current top; the top only moves "up" (every later
+        // top t' has !comp(t', t)), so a non-candidate never becomes one: recheck bits.
+        let tv = h[0].v;
+        let mut m = 0u64;
+        for (j, &x) in w[start..start + len].iter().enumerate() {
+            m |= (O::lt(x, tv) as u64) << j;
+        }
+        while m != 0 {
+            let j = m.trailing_zeros() as usize;
+            m &= m - 1;
+            let x = w[start + j];
+            if O::lt(x, h[0].v) {
+                adjust_heap::<O>(
+                    &mut h,
+                    0,
+                    k,
+                    E {
+                        v: x,
+                        i: (start + j) as u32,
+                    },
+                );
+            }
+        }
+        start += len;
+    }
+    h
+}
+
+fn topk_set<O: Order>(w: &[f32], k: usize, mask: &mut [bool]) {
+    let n = w.len();
+    if k * 64 <= n {
+        for e in partial_sort_select::<O>(w, k) {
+            mask[e.i as usize] = true;
+        }
+    } else {
+        let mut a = make_elems(w);
+        introselect::<O>(&mut a, k - 1);
+        for e in &a[..k] {
+            mask[e.i as usize] = true;
+        }
+    }
+}
+
+/// Mask of the indices returned by PyTorch CPU `torch.topk(w, k, largest=True)`
+/// (`sorted` True or False: sorting does not change the set) for a 1-D contiguous
+/// float32 tensor, ties included. `k >= w.len()` selects everything.
+///
+/// Replicates aten/src/ATen/native/TopKImpl.h `topk_impl_loop`: a queue of
+/// (value, index) pairs with comparator `(isnan(x) && !isnan(y)) || x > y`; if
+/// `k * 64 <= n` it runs `std::partial_sort(q, q + k, q + n)` (set decided by
+/// `__heap_select`), otherwise `std::nth_element(q, q + k - 1, q + n)`
+/// (`__introselect`, depth limit `2 * __lg(n)`, heap-select fallback, final insertion
+/// sort of <= 3 elements) followed by `std::sort(q, q + k - 1)`; the first k pairs are
+/// returned. O(n + m log k) for the partial-sort path (m = heap replacements),
+/// expected O(n) otherwise.
+pub fn topk_largest_mask(w: &[f32], k: usize) -> Vec<bool> {
+    let n = w.len();
+    let mut mask = vec![false; n];
+    if k == 0 {
+        return mask;
+    }
+    if k >= n {
+        mask.iter_mut().for_each(|m| *m = true);
+        return mask;
+    }
+    assert!(n <= u32::MAX as usize, "length must fit in u32");
+    if has_nan(w) {
+        topk_set::<Desc>(w, k, &mut mask);
+    } else {
+        topk_set::<DescNoNan>(w, k, &mut mask);
+    }
+    mask
+}
+
+/// Literal reference for [`topk_largest_mask`] (testing aid): runs the libstdc++
+/// algorithms on the full (value, index) array, including the final sorts, with the
+/// literal `__unguarded_partition`, and returns the first k indices in torch's order
+/// (= `torch.topk(w, k).indices`).
+#[doc(hidden)]
+pub fn topk_largest_indices_reference(w: &[f32], k: usize) -> Vec<u32> {
+    let n = w.len();
+    let k = k.min(n);
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut a = make_elems(w);
+    if k * 64 <= n {
+        heap_select::<Desc>(&mut a, 0, k, n);
+        sort_heap::<Desc>(&mut a[..k]);
+    } else {
+        // __introselect with the literal partition
+        let nth = k - 1;
+        let (mut first, mut last, mut depth) = (0usize, n, 2 * lg(n));
+        let mut done = false;
+        while last - first > 3 {
+            if depth == 0 {
+                heap_select::<Desc>(&mut a, first, nth + 1, last);
+                a.swap(first, nth);
+                done = true;
+                break;
+            }
+            depth -= 1;
+            let mid = first + (last - first) / 2;
+            move_median_to_first::<Desc>(&mut a, first, first + 1, mid, last - 1);
+            let cut = unguarded_partition::<Desc>(&mut a, first + 1, last, first);
+            if cut <= nth {
+                first = cut;
+            } else {
+                last = cut;
+            }
+        }
+        if !done {
+            insertion_sort::<Desc>(&mut a, first, last);
+        }
+        std_sort::<Desc>(&mut a[..k - 1]);
+    }
+    a[..k].iter().map(|e| e.i).collect()
 }
 
 #[cfg(test)]

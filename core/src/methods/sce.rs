@@ -1,7 +1,6 @@
 //! `sce`: select (top variance positions), calculate (weights from mean
 //! squares), erase (TIES sign consensus) — spec §4.8. Model weights are ignored.
 
-use super::sparsify::top_k_mask;
 use super::*;
 
 pub struct Sce;
@@ -58,7 +57,10 @@ impl MergeMethod for Sce {
                 let nz = var.iter().filter(|v| **v != 0.0).count();
                 // torch: int64 count × python float → float32, then int()
                 let kk = (nz as f32 * topk as f32) as usize;
-                top_k_mask(&var, kk)
+                // torch.topk(var.abs(), k): its ties in torch's order
+                // (`std::partial_sort` / `std::nth_element`, replicated)
+                let mags: Vec<f32> = var.iter().map(|v| v.abs()).collect();
+                crate::torch_sort::topk_largest_mask(&mags, kk)
             };
             for t in &mut tv {
                 for (v, m) in t.iter_mut().zip(&mask) {
