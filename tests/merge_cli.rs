@@ -463,6 +463,7 @@ fn mergekit_options_are_accepted() {
             "--no-write-model-card",
             "--trust-remote-code",
             "--clone-tensors",
+            "--unsafe-truncate-embeddings",
         ],
     );
     assert_ok(&o);
@@ -968,4 +969,38 @@ fn smelt_reports_its_peak_rss_when_asked() {
         .parse()
         .expect("a number of kB");
     assert!(kb > 100 && kb < 1_000_000, "VmHWM {kb} kB");
+}
+
+/// The donor's tokenizer files as mergekit 0.1.5 copies them: with
+/// tokenizer_config.json and tokenizer.json it copies its list (no
+/// vocab.json; generation_config.json included); with a chat template it
+/// re-saves the tokenizer through transformers (no generation_config.json).
+#[test]
+fn tokenizer_files_are_copied_as_mergekit_copies_them() {
+    let (tmp, ms, cfg) = linear_pair(LlamaSpec::tiny());
+    let donor = &ms[0];
+    for (f, text) in [
+        ("tokenizer_config.json", "{\"model_max_length\": 128}"),
+        ("tokenizer.json", "{\"model\": {\"vocab\": {}}}"),
+        ("vocab.json", "{}"),
+        ("generation_config.json", "{\"bos_token_id\": 1}"),
+    ] {
+        write(&donor.join(f), text);
+    }
+    let out = tmp.path().join("out");
+    assert_ok(&merge(tmp.path(), &cfg, &out, &[]));
+    assert!(out.join("tokenizer.json").exists());
+    assert!(out.join("generation_config.json").exists());
+    assert!(
+        !out.join("vocab.json").exists(),
+        "mergekit does not copy vocab.json"
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap() + "chat_template: chatml\n";
+    let cfg2 = tmp.path().join("chat.yml");
+    write(&cfg2, &text);
+    let out2 = tmp.path().join("out2");
+    assert_ok(&merge(tmp.path(), &cfg2, &out2, &[]));
+    assert!(out2.join("tokenizer.json").exists());
+    assert!(!out2.join("generation_config.json").exists());
+    assert!(!out2.join("vocab.json").exists());
 }

@@ -298,7 +298,12 @@ pub fn side_files(
                 .filter(|(n, _)| n.ends_with(".json") || n.ends_with(".jinja"))
                 .filter_map(|(n, b)| String::from_utf8(b.clone()).ok().map(|t| (n.clone(), t)))
                 .collect();
-            copied.retain(|(n, _)| !files.iter().any(|(f, _)| f == n));
+            // a chat template makes mergekit re-save the tokenizer through
+            // transformers, which writes no generation_config.json
+            copied.retain(|(n, _)| {
+                n != "generation_config.json" && !files.iter().any(|(f, _)| f == n)
+            });
+            files.retain(|(n, _)| n != "generation_config.json");
             tokenizer::apply_chat_template(&mut files, ct);
             copied.extend(files.into_iter().map(|(n, t)| (n, t.into_bytes())));
         }

@@ -172,7 +172,16 @@ pub fn tokenizer_files(donor: &dyn ModelLocation) -> Result<Vec<(String, Vec<u8>
     {
         return Ok(copied);
     }
+    // mergekit 0.1.5 copies the files when the donor has
+    // tokenizer_config.json and tokenizer.json or tokenizer.model — not
+    // vocab.json then; otherwise transformers re-serialises the tokenizer
+    // (vocab.json included for BPE tokenizers without tokenizer.json)
+    let copy_mode = donor.exists("tokenizer_config.json")?
+        && (donor.exists("tokenizer.json")? || donor.exists("tokenizer.model")?);
     for f in TOKENIZER_FILES {
+        if copy_mode && *f == "vocab.json" {
+            continue;
+        }
         if donor.is_file(f)? {
             // copy contents, not permissions (inputs may be read-only)
             copied.push((f.to_string(), donor.read(f)?));

@@ -464,7 +464,6 @@ pub fn build(
         "tokenizer_config.json",
         "special_tokens_map.json",
         "chat_template.jinja",
-        "generation_config.json",
     ] {
         if source_dir.is_file(f)? {
             let text = source_dir.read_to_string(f)?;
