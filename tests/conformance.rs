@@ -17,8 +17,8 @@ fn public_conformance_cases() {
         .collect();
     cases.sort();
     assert!(
-        cases.len() >= 87,
-        "expected the 12 public cases, the 55 of session 12 and the 20 of session 13, found {}",
+        cases.len() >= 90,
+        "expected the 12 public cases, the 55 of session 12 and the 23 of session 13, found {}",
         cases.len()
     );
     let tmp = tempfile::tempdir().expect("tmp");

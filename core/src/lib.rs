@@ -23,6 +23,7 @@ pub mod simd;
 pub mod synth;
 pub mod tensor;
 pub mod tokenizer;
+pub mod torch_kl;
 pub mod torch_sort;
 
 use std::path::{Path, PathBuf};

@@ -82,7 +82,10 @@ impl MergeMethod for ArceeFusion {
             let s: f64 = e.iter().sum();
             e.iter().map(|x| r(r((x / s) as f32) + 1e-8)).collect()
         };
-        let kl: Vec<f32> = {
+        let kl: Vec<f32> = if dt == DType::F32 {
+            // the KL's terms cancel: round every step as torch does
+            crate::torch_kl::kl_rows_torch(&b.data, &a.data, len)
+        } else {
             use rayon::prelude::*;
             (0..rows)
                 .into_par_iter()
