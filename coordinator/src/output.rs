@@ -253,6 +253,9 @@ impl smelt_core::io::TensorSink for LocalShard {
     fn write_part(&self, shard: usize, slot: usize, off: u64, bytes: &[u8]) -> Result<()> {
         self.0.write_part(shard, slot, off, bytes)
     }
+    fn rewrites(&self) -> bool {
+        self.0.rewrites()
+    }
 }
 
 impl ShardSink for LocalShard {

@@ -324,17 +324,8 @@ fn run_streamed(
     let out_dt = task.out_dtype;
     let written = std::sync::atomic::AtomicU64::new(0);
     let sink = Coalescer::new(&task.name, writer, task.shard, task.slot, task.out_bytes());
-    let emit = |e0: usize, vals: &[f32]| -> Result<()> {
-        if out_dt == crate::dtype::DType::BF16 {
-            // straight into the output window, when the block lies in one
-            let at = (e0 * 2) as u64;
-            if sink.put_with(at, vals.len() * 2, |dst| {
-                crate::simd::encode_bf16_uninit(vals, dst)
-            })? {
-                written.fetch_add(vals.len() as u64 * 2, std::sync::atomic::Ordering::Relaxed);
-                return Ok(());
-            }
-        }
+    // `vals` in the output dtype, to `f`
+    let encoded = |vals: &[f32], f: &dyn Fn(&[u8]) -> Result<()>| -> Result<()> {
         WRITE_BUF.with(|b| {
             let mut b = b.borrow_mut();
             if out_dt == crate::dtype::DType::BF16 {
@@ -351,8 +342,30 @@ fn run_streamed(
                 crate::tensor::cast_slice(&mut v, task.working_dtype, out_dt);
                 out_dt.encode(&v, &mut b);
             }
+            f(&b)
+        })
+    };
+    let emit = |e0: usize, vals: &[f32]| -> Result<()> {
+        if out_dt == crate::dtype::DType::BF16 {
+            // straight into the output window, when the block lies in one
+            let at = (e0 * 2) as u64;
+            if sink.put_with(at, vals.len() * 2, |dst| {
+                crate::simd::encode_bf16_uninit(vals, dst)
+            })? {
+                written.fetch_add(vals.len() as u64 * 2, std::sync::atomic::Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        encoded(vals, &|b: &[u8]| {
             written.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            sink.put((e0 * out_dt.size()) as u64, &b)
+            sink.put((e0 * out_dt.size()) as u64, b)
+        })
+    };
+    // a second emit of elements (every one emitted before): straight to
+    // the writer, the window buffers being empty by then
+    let again = |e0: usize, vals: &[f32]| -> Result<()> {
+        encoded(vals, &|b: &[u8]| {
+            sink.put_again((e0 * out_dt.size()) as u64, b)
         })
     };
     let job = methods::stream::StreamJob {
@@ -365,6 +378,7 @@ fn run_streamed(
         per_model: task.per_model.iter().collect(),
         seed: plan.seed,
         block: STREAM_BLOCK,
+        again: writer.rewrites().then_some(&again),
     };
     method.merge_streamed(job, &src, &emit)?;
     sink.finish()?;
@@ -593,6 +607,25 @@ impl<'a> Coalescer<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Puts `bytes` at `offset` a second time, once every byte of the
+    /// tensor has been put (so no window is buffered): straight to the
+    /// writer, which keeps the later bytes ([`TensorSink::rewrites`]).
+    fn put_again(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        if offset + bytes.len() as u64 > self.total
+            || !self
+                .open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+        {
+            return Err(Error::tensor(
+                self.name,
+                "internal: streamed output put again before it was complete",
+            ));
+        }
+        self.writer.write_part(self.shard, self.slot, offset, bytes)
     }
 
     /// After every byte was put: writes anything still buffered (nothing,
@@ -865,6 +898,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Bytes put again (a speculative method's corrected blocks) are
+    /// refused while the tensor is incomplete, and land over the first
+    /// ones once it is complete.
+    #[test]
+    fn coalescer_puts_again_once_complete() {
+        struct Overwrite(Mutex<Vec<u8>>);
+        impl TensorSink for Overwrite {
+            fn write(&self, _: usize, _: usize, _: &[u8]) -> Result<()> {
+                unreachable!("streamed output is written in parts")
+            }
+            fn write_part(&self, _: usize, _: usize, off: u64, b: &[u8]) -> Result<()> {
+                self.0.lock().unwrap()[off as usize..off as usize + b.len()].copy_from_slice(b);
+                Ok(())
+            }
+        }
+        let sink = Overwrite(Mutex::new(vec![0; 300]));
+        let c = Coalescer::new("model.z", &sink, 0, 0, 300);
+        c.put(0, &[1; 200]).unwrap();
+        let e = c.put_again(50, &[2; 10]).unwrap_err().to_string();
+        assert!(
+            e.contains("model.z") && e.contains("before it was complete"),
+            "{e}"
+        );
+        c.put(200, &[1; 100]).unwrap();
+        c.put_again(50, &[2; 10]).unwrap();
+        let e = c.put_again(295, &[2; 10]).unwrap_err().to_string();
+        assert!(e.contains("model.z"), "{e}");
+        c.finish().unwrap();
+        let g = sink.0.lock().unwrap();
+        assert!(g[..50].iter().all(|x| *x == 1) && g[50..60].iter().all(|x| *x == 2));
+        assert!(g[60..].iter().all(|x| *x == 1));
     }
 
     /// A tensor whose bytes were not all put is an error, not a silent gap.

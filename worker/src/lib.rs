@@ -373,6 +373,9 @@ impl TensorSink for Guarded<'_> {
         self.check()?;
         self.inner.write_part_owned(shard, slot, off, bytes)
     }
+    fn rewrites(&self) -> bool {
+        self.inner.rewrites()
+    }
 }
 
 /// A short unique worker name: host-pid.

@@ -24,6 +24,12 @@ pub trait TensorSink: Send + Sync {
     ) -> Result<()> {
         self.write_part(shard, slot, byte_offset, &bytes)
     }
+    /// Whether bytes may be written a second time (after every byte of the
+    /// tensor was written once), the later write winning: true for files,
+    /// false for sinks that stream bytes out in order (object stores).
+    fn rewrites(&self) -> bool {
+        false
+    }
 }
 
 /// A [`TensorSink`] for a set of output shards that is committed or
@@ -54,5 +60,9 @@ impl TensorSink for ShardWriter {
         bytes: Vec<u8>,
     ) -> Result<()> {
         ShardWriter::write_part_owned(self, shard, slot, byte_offset, bytes)
+    }
+    /// Writes go to the file at their offsets, in the order they are made.
+    fn rewrites(&self) -> bool {
+        true
     }
 }

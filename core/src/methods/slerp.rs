@@ -276,6 +276,7 @@ mod tests {
                                 per_model: pm[..inputs].iter().collect(),
                                 seed: 0,
                                 block: BLOCK,
+                                again: None,
                             },
                             &Src(data),
                             &emit,

@@ -53,6 +53,11 @@ pub struct StreamJob<'a> {
     pub seed: u64,
     /// Target elements per block (rounded to the method's alignment).
     pub block: usize,
+    /// Where given, emits output elements a second time, the later bytes
+    /// winning: allowed once every element of the tensor has been emitted
+    /// (see `gta_stream`'s speculative output). `None` where the output
+    /// cannot be rewritten (an object-store upload).
+    pub again: Option<Emit<'a>>,
 }
 
 impl StreamJob<'_> {
@@ -150,6 +155,59 @@ pub fn for_listed_blocks<T: Send>(
             })
         })
         .collect()
+}
+
+/// Runs `f(scratch, block, e0, e1)` over the blocks of `order` (block
+/// indices), claimed by the pool's threads strictly in list order — unlike
+/// [`for_listed_blocks`], whose splitting starts a second thread in the
+/// middle of the list — so that a block starts after every block before it
+/// in the list has started. Results by block index (`None` for blocks not
+/// listed).
+pub fn for_blocks_claimed<T: Send>(
+    n: usize,
+    block: usize,
+    order: &[usize],
+    f: impl Fn(&mut Scratch, usize, usize, usize) -> Result<T> + Sync,
+) -> Result<Vec<Option<T>>> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let nb = n.div_ceil(block);
+    let results: Vec<Mutex<Option<T>>> = (0..nb).map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
+    let work = || {
+        loop {
+            let p = next.fetch_add(1, Ordering::SeqCst);
+            let Some(&bi) = order.get(p) else {
+                return;
+            };
+            let e0 = bi * block;
+            match with_scratch(|s| f(s, bi, e0, (e0 + block).min(n))) {
+                Ok(t) => *results[bi].lock().unwrap_or_else(|e| e.into_inner()) = Some(t),
+                Err(e) => {
+                    next.store(order.len(), Ordering::SeqCst);
+                    failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(e);
+                    return;
+                }
+            }
+        }
+    };
+    let workers = rayon::current_num_threads().clamp(1, order.len().max(1));
+    rayon::scope(|sc| {
+        for _ in 0..workers {
+            sc.spawn(|_| work());
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    Ok(results
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect())
 }
 
 /// Runs every block like [`for_blocks`], in two steps: `pre(scratch, block,
