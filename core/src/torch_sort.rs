@@ -464,14 +464,10 @@ pub fn argsort_asc(w: &[f32]) -> Vec<u32> {
 /// `k >= w.len()` selects everything. Expected O(n).
 pub fn top_k_desc(w: &[f32], k: usize) -> Vec<bool> {
     let n = w.len();
+    if k == 0 || k >= n {
+        return vec![k > 0; n];
+    }
     let mut mask = vec![false; n];
-    if k == 0 {
-        return mask;
-    }
-    if k >= n {
-        mask.iter_mut().for_each(|m| *m = true);
-        return mask;
-    }
     let mut a = make_elems(w);
     if has_nan(w) {
         std_sort_select::<Desc>(&mut a, &[k]);
@@ -623,14 +619,10 @@ fn topk_set<O: Order>(w: &[f32], k: usize, mask: &mut [bool]) {
 /// expected O(n) otherwise.
 pub fn topk_largest_mask(w: &[f32], k: usize) -> Vec<bool> {
     let n = w.len();
+    if k == 0 || k >= n {
+        return vec![k > 0; n];
+    }
     let mut mask = vec![false; n];
-    if k == 0 {
-        return mask;
-    }
-    if k >= n {
-        mask.iter_mut().for_each(|m| *m = true);
-        return mask;
-    }
     assert!(n <= u32::MAX as usize, "length must fit in u32");
     if has_nan(w) {
         topk_set::<Desc>(w, k, &mut mask);
