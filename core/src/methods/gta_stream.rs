@@ -558,6 +558,8 @@ impl GeneralizedTaskArithmetic {
         // those it emitted with other ratios than the true ones
         let mut todo: Option<(Vec<usize>, Vec<usize>)> = None;
         if !rescaled.is_empty() {
+            // per block, the ratios its output was emitted with (speculation)
+            let mut guesses: Option<Vec<Option<Vec<Option<f32>>>>> = None;
             let per_block: Vec<Vec<Sums>> = if !speculates(job, nb, &models) {
                 for_blocks(n, block, |s, bi, e0, e1| {
                     s.ensure(1 + rescaled.len());
@@ -612,7 +614,11 @@ impl GeneralizedTaskArithmetic {
                     .into_iter()
                     .map(|d| d.expect("every block is in the order"))
                     .unzip();
-                ratios = final_ratios(&per_block, &rescaled, &models);
+                guesses = Some(guessed);
+                per_block
+            };
+            ratios = final_ratios(&per_block, &rescaled, &models);
+            if let Some(guessed) = guesses {
                 let unsent: Vec<usize> = (0..nb).filter(|&bi| guessed[bi].is_none()).collect();
                 let wrong: Vec<usize> = (0..nb)
                     .filter(|&bi| {
@@ -624,10 +630,6 @@ impl GeneralizedTaskArithmetic {
                 #[cfg(test)]
                 spec_test::record(name, nb - unsent.len() - wrong.len(), wrong.len());
                 todo = Some((unsent, wrong));
-                per_block
-            };
-            if todo.is_none() {
-                ratios = final_ratios(&per_block, &rescaled, &models);
             }
             cached = per_block
                 .into_iter()
